@@ -122,6 +122,13 @@ class Dia2:
     def script_entries(self, text: str, *, open_with_s1: bool = True) -> list[Entry]:
         return parse_script(self.tokenizer, text, open_with_s1=open_with_s1)
 
+    def tag_first_word(self, entry: Entry) -> Entry:
+        """The entry re-encoded as a turn's first word, ``[S1] word`` (for parts after the first)."""
+        if entry.is_pause or entry.tokens[:1] == (self.token_ids.speaker1,):
+            return entry
+        tokens = self.tokenizer.encode_word(entry.text, 1)
+        return Entry(tokens=tuple(tokens), text=entry.text, padding=len(tokens))
+
     def engine(self, rules: StateRules) -> StepEngine:
         """A one-stream engine, allocated once and reused (its rules are swapped per call)."""
         if self._engine is None:

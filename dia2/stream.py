@@ -1,0 +1,320 @@
+"""Streaming turns: text pushed word by word in, complete 24 kHz frames out, many streams at once.
+
+A :class:`StreamRunner` owns one :class:`StepEngine` and one :class:`MimiStreamDecoder`
+sized for ``max_streams``. ``start`` restores a voice snapshot into a free slot (a memory
+copy); every ``step`` advances all running streams in one batched forward pass and decodes
+their newly complete frames in one Mimi call. Each :class:`Stream` is one turn: push text as
+an LLM writes it, close it, read frames, or cancel it at any step.
+
+Long turns: a turn whose text would pass the model context is cut into parts at sentence
+ends. Each part starts again from the snapshot (same voice, fresh context), while the Mimi
+decoder simply carries on, so the parts' audio joins without a gap.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .codec import MimiStreamDecoder
+from .engine import FrameOut, SlotState, StepEngine
+from .errors import StreamError
+from .runtime import Dia2
+from .sampling import GenerationConfig
+from .snapshot import VoiceSnapshot
+from .state_machine import Entry, close_text, new_text_state, push_entries
+from .text import ScriptCursor
+
+log = logging.getLogger(__name__)
+
+_SENTENCE_END = (".", "!", "?", "…")
+_CLOSERS = "\"')]»”’"
+# Close a part at the next sentence end once it has used this share of the context.
+SOFT_PART_SHARE = 0.6
+
+
+class StreamStatus(enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass
+class AudioFrame:
+    """One complete 80 ms frame of a turn: ``index`` counts from the turn's first frame."""
+
+    index: int
+    pcm24k: np.ndarray  # float32 [1920]
+    words: list[str]  # words whose audio starts in this frame
+    codes: torch.Tensor  # [K] int64 Mimi codes of the frame (CPU)
+
+
+@dataclass
+class StreamStats:
+    steps: int = 0
+    held_steps: int = 0
+    parts: int = 1
+    steps_to_first_frame: int | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+    first_frame_at: float | None = None
+
+
+def ends_sentence(word: str) -> bool:
+    return word.rstrip(_CLOSERS).endswith(_SENTENCE_END)
+
+
+class Stream:
+    """One turn. Created by :meth:`StreamRunner.start`; not thread-safe (the runner's thread owns it)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, runner: StreamRunner, snapshot: VoiceSnapshot | None, config: GenerationConfig) -> None:
+        self.id = next(Stream._ids)
+        self.runner = runner
+        self.snapshot = snapshot
+        self.config = config
+        self.status = StreamStatus.RUNNING
+        self.error: str | None = None
+        self.stats = StreamStats()
+        self.frames: deque[AudioFrame] = deque()
+        self.slot: int | None = None
+        self._cursor = ScriptCursor(runner.runtime.tokenizer, open_with_s1=self.opens_with_s1)
+        self._text_closed = False
+        self._part_open = True  # the current part still takes words
+        self._staged: list[Entry] = []  # words waiting for the next part
+        self._frames_out = 0
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def opens_with_s1(self) -> bool:
+        return self.snapshot.opens_with_s1 if self.snapshot is not None else True
+
+    @property
+    def done(self) -> bool:
+        return self.status is not StreamStatus.RUNNING
+
+    @property
+    def text_closed(self) -> bool:
+        return self._text_closed
+
+    def push_text(self, text: str) -> None:
+        """Add text (any chunking: words may be split across calls)."""
+        self._check_open("push text to")
+        self._route(self._cursor.feed(text))
+
+    def close_text(self) -> None:
+        """No more text will come: the turn ends after its last word and the flush tail."""
+        self._check_open("close")
+        self._route(self._cursor.close())
+        self._text_closed = True
+        if not self._staged and self._part_open:
+            self._close_part()
+
+    def cancel(self) -> None:
+        """Stop now; the slot is free for another stream before the next step."""
+        if self.done:
+            return
+        self.status = StreamStatus.CANCELLED
+        self.runner._release(self)
+
+    def pop_frames(self) -> list[AudioFrame]:
+        out = list(self.frames)
+        self.frames.clear()
+        return out
+
+    # ------------------------------------------------------------------ parts
+
+    def _check_open(self, verb: str) -> None:
+        if self.status is StreamStatus.CANCELLED:
+            raise StreamError(f"cannot {verb} stream {self.id}: it was cancelled")
+        if self.done:
+            raise StreamError(f"cannot {verb} stream {self.id}: it has ended ({self.status.value})")
+        if self._text_closed:
+            raise StreamError(f"cannot {verb} stream {self.id}: its text is already closed")
+
+    def _slot_state(self) -> SlotState:
+        assert self.slot is not None
+        state = self.runner.engine.slots[self.slot]
+        assert state is not None
+        return state
+
+    def _upper_steps(self, entry: Entry) -> int:
+        """Most steps an entry can take (a word waits at most max_padding, then one per token)."""
+        if entry.is_pause:
+            return entry.padding
+        return max(len(entry.tokens), self.runner.engine.rules.max_padding) + 1
+
+    def _fits(self, entry: Entry) -> bool:
+        st = self._slot_state()
+        engine = self.runner.engine
+        queued = sum(self._upper_steps(e) for e in st.text.entries)
+        flush = engine.max_delay + engine.rules.max_padding + 1
+        need = queued + len(st.text.pending_tokens) + st.text.forced_padding + self._upper_steps(entry) + flush
+        return st.position + need <= engine.context
+
+    def _route(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            if self._part_open and not self._staged and self._fits(entry):
+                push_entries(self._slot_state().text, [entry])
+                if ends_sentence(entry.text) and self._past_soft_limit():
+                    self._close_part()
+            else:
+                if self._part_open:
+                    self._close_part()
+                self._staged.append(entry)
+
+    def _past_soft_limit(self) -> bool:
+        st = self._slot_state()
+        room = self.runner.engine.context - st.prompt_frames
+        return st.position - st.prompt_frames > SOFT_PART_SHARE * room
+
+    def _close_part(self) -> None:
+        self._part_open = False
+        close_text(self._slot_state().text)
+
+    def _next_part(self) -> None:
+        """The current part has played out: start the next one from the snapshot in the same slot."""
+        staged, self._staged = self._staged, []
+        if staged and self.opens_with_s1:
+            staged[0] = self.runner.runtime.tag_first_word(staged[0])
+        self.stats.parts += 1
+        self.runner._restart_slot(self, part=self.stats.parts - 1)
+        self._part_open = True
+        self._route(staged)
+        if self._text_closed and not self._staged and self._part_open:
+            self._close_part()
+
+    # ------------------------------------------------------------------ runner side
+
+    def _on_frame(self, frame: FrameOut, pcm: np.ndarray) -> None:
+        if self.stats.steps_to_first_frame is None:
+            self.stats.steps_to_first_frame = self.stats.steps + 1  # this step counts
+            self.stats.first_frame_at = time.perf_counter()
+        self.frames.append(AudioFrame(index=self._frames_out, pcm24k=pcm, words=frame.words, codes=frame.codes))
+        self._frames_out += 1
+
+    def _after_step(self) -> None:
+        st = self._slot_state()
+        self.stats.steps += 1
+        self.stats.held_steps = st.text.held_steps
+        if not st.finished:
+            return
+        if self._staged or not self._text_closed:
+            self._next_part()
+        else:
+            self.status = StreamStatus.DONE
+            self.runner._release(self)
+
+
+class StreamRunner:
+    """Steps every running stream together. Single-threaded: call it from one thread only."""
+
+    def __init__(self, runtime: Dia2, max_streams: int = 1) -> None:
+        self.runtime = runtime
+        self.max_streams = max_streams
+        self.engine = StepEngine(runtime.model, runtime.rules(), max_streams=max_streams)
+        self.decoder = MimiStreamDecoder(runtime.codec, max_batch=max_streams)
+        self.streams: dict[int, Stream] = {}  # slot → stream
+
+    @property
+    def active(self) -> int:
+        return len(self.streams)
+
+    def start(
+        self,
+        snapshot: VoiceSnapshot | None,
+        config: GenerationConfig | None = None,
+        *,
+        text: str | None = None,
+        close: bool = False,
+    ) -> Stream:
+        """Start a turn in a free slot, restored from ``snapshot`` (None: no voice prompt)."""
+        free = self.engine.free_slots()
+        if not free:
+            raise StreamError(f"all {self.max_streams} stream slots are busy")
+        stream = Stream(self, snapshot, config or GenerationConfig())
+        stream.slot = free[0]
+        self._restart_slot(stream, part=0)
+        if snapshot is not None:
+            self.decoder.set_row_state(stream.slot, snapshot.mimi_state)
+        else:
+            self.decoder.reset_rows([stream.slot])
+        self.streams[stream.slot] = stream
+        if text:
+            stream.push_text(text)
+        if close:
+            stream.close_text()
+        return stream
+
+    def _restart_slot(self, stream: Stream, part: int) -> None:
+        assert stream.slot is not None
+        cfg = stream.config
+        if part:
+            # Each part gets its own draws (its steps repeat the first part's positions).
+            cfg = GenerationConfig(cfg.text, cfg.audio, cfg.cfg_scale, cfg.cfg_filter_k, cfg.initial_padding,
+                                   cfg.seed + 1_000_003 * part)
+        rules = self.engine.rules
+        text = new_text_state(rules, (), initial_padding=cfg.initial_padding, closed=False)
+        if self.engine.slots[stream.slot] is not None:
+            self.engine.release(stream.slot)
+        if stream.snapshot is not None:
+            self.engine.start_from_prompt(stream.slot, cfg, stream.snapshot.prompt, text)
+        else:
+            self.engine.start_fresh(stream.slot, cfg, text, self.runtime.token_ids.bos)
+
+    def _release(self, stream: Stream) -> None:
+        if stream.slot is not None and self.streams.get(stream.slot) is stream:
+            del self.streams[stream.slot]
+            self.engine.release(stream.slot)
+
+    def step(self) -> list[Stream]:
+        """One batched step of every running stream; returns the streams that got new frames."""
+        if not self.streams:
+            return []
+        slots = sorted(self.streams)
+        try:
+            frames = self.engine.step(slots)
+        except Exception as exc:
+            # A failed step fails its streams; the runner stays usable.
+            log.exception("batched step failed for slots %s", slots)
+            for slot in slots:
+                stream = self.streams[slot]
+                stream.status = StreamStatus.FAILED
+                stream.error = f"{type(exc).__name__}: {exc}"
+                self._release(stream)
+            return []
+        touched: list[Stream] = []
+        if frames:
+            codes = torch.stack([f.codes for f in frames])[:, :, None].to(self.runtime.codec.device)
+            with torch.inference_mode():
+                pcm = self.decoder.decode(codes, rows=[f.slot for f in frames], validate=False)
+            pcm_host = pcm.float().cpu().numpy()
+            for i, frame in enumerate(frames):
+                stream = self.streams[frame.slot]
+                stream._on_frame(frame, pcm_host[i])
+                touched.append(stream)
+        for slot in slots:
+            self.streams[slot]._after_step()
+        return touched
+
+    def iter_frames(self, stream: Stream) -> Iterator[AudioFrame]:
+        """Drive the runner until ``stream`` ends, yielding its frames as they complete."""
+        while True:
+            yield from stream.pop_frames()
+            if stream.done:
+                return
+            self.step()
+
+    def run_to_end(self, stream: Stream) -> np.ndarray:
+        """Convenience: all of a closed stream's audio as one float32 array."""
+        return np.concatenate([f.pcm24k for f in self.iter_frames(stream)] or [np.zeros(0, np.float32)])
