@@ -18,8 +18,9 @@ the model from re-speaking the prompt's last words.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -105,6 +106,42 @@ class PromptState:
     main: int
     second: int
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class _HostPlan:
+    """A slot's host state after a step, computed on copies and committed only if the step succeeds."""
+
+    text: TextState
+    main: int
+    second: int
+    position: int
+    next_frame: int
+    last_frame: int | None
+    truncated: bool
+    emit_frame: int | None  # aligned frame this step emits, if any
+
+    def commit(self, st: SlotState) -> None:
+        """Write the plan into ``st``. The text state is updated in place (callers may hold it)."""
+        _assign_text(st.text, self.text)
+        st.main, st.second = self.main, self.second
+        st.position = self.position
+        st.next_frame = self.next_frame
+        st.last_frame = self.last_frame
+        st.truncated = self.truncated
+
+
+def _assign_text(dst: TextState, src: TextState) -> None:
+    """Make ``dst`` equal to ``src`` keeping ``dst``'s containers (plain copies: cannot raise)."""
+    for f in fields(TextState):
+        value, current = getattr(src, f.name), getattr(dst, f.name)
+        if isinstance(current, deque):
+            current.clear()
+            current.extend(value)
+        elif isinstance(current, list):
+            current[:] = value
+        else:
+            setattr(dst, f.name, value)
 
 
 class StepEngine:
@@ -262,6 +299,11 @@ class StepEngine:
         """Advance each listed active slot by one step, all in one batched forward pass.
 
         Returns the frames that became complete (at most one per slot), in slot order.
+
+        Safe to retry: if it raises, no listed slot's host state has changed, and running the
+        same step again (for all or some of the slots) gives the same result, since the RNG is
+        counter-based and the device writes (KV at each slot's position, buffer column t+1) are
+        a function of the same inputs. ``hold`` must be pure: a retried step calls it again.
         """
         if not slots:
             return []
@@ -361,53 +403,81 @@ class StepEngine:
                         stage_logits_all.append(logits)
             b.audio[:n].scatter_(2, next_col[:, None, :].expand(n, self.num_codebooks, 1), column[:, :, None])
 
-        # Host side: records, state machines, positions, emission.
-        frames: list[FrameOut] = []
-        emit: list[tuple[int, SlotState, int]] = []
+        # Host side, staged: each slot's next host state is computed on copies, the step's last
+        # device reads (records, emitted codes) are done, and only then is everything committed
+        # with plain assignments that cannot raise. So a step that raises anywhere leaves every
+        # slot's host state as it was, and the same step can be run again (alone, by the runner).
+        plans = [self._plan_host(s, st, actions_host[s], hold) for s, st in zip(slots, states)]
+        records: list[StepRecord | None] = []
         for s, st in zip(slots, states):
-            t = st.position
-            if st.record is not None:
-                st.record.append(
-                    StepRecord(
-                        step=t,
-                        tokens=tokens[2 * s : 2 * s + 2].cpu(),
-                        action_logits=out.action_logits[2 * s : 2 * s + 2, 0].cpu(),
-                        cb0_logits=out.cb0_logits[2 * s : 2 * s + 2, 0].cpu(),
-                        stage_logits=(
-                            torch.stack([lg[2 * s : 2 * s + 2] for lg in stage_logits_all], dim=1).cpu()
-                            if stage_logits_all
-                            else None
-                        ),
-                        action=actions_host[s],
-                    )
+            if st.record is None:
+                records.append(None)
+                continue
+            records.append(
+                StepRecord(
+                    step=st.position,
+                    tokens=tokens[2 * s : 2 * s + 2].cpu(),
+                    action_logits=out.action_logits[2 * s : 2 * s + 2, 0].cpu(),
+                    cb0_logits=out.cb0_logits[2 * s : 2 * s + 2, 0].cpu(),
+                    stage_logits=(
+                        torch.stack([lg[2 * s : 2 * s + 2] for lg in stage_logits_all], dim=1).cpu()
+                        if stage_logits_all
+                        else None
+                    ),
+                    action=actions_host[s],
                 )
-            if st.last_frame is None:
-                held = hold(s) if hold is not None else needs_text(self.rules, st.text)
-                st.main, st.second = process(self.rules, st.text, t, actions_host[s], hold=held)
-                if st.text.end_step is not None:
-                    st.last_frame = st.text.end_step + self.rules.max_padding
-            else:
-                # After the script ended the text stream only pads (the flush tail).
-                st.main, st.second = process(self.rules, st.text, t, 0)
-            st.position = t + 1
-            complete = t + 1 - self.max_delay  # newest complete aligned frame after this step
-            if complete >= st.next_frame and (st.last_frame is None or st.next_frame <= st.last_frame):
-                emit.append((s, st, st.next_frame))
-                st.next_frame += 1
-            if st.position >= self.context and not st.finished:
-                # Out of context: emit what is complete, then stop.
-                st.truncated = True
-                done = st.next_frame - 1
-                st.last_frame = done if st.last_frame is None else min(st.last_frame, done)
+            )
+        frames: list[FrameOut] = []
+        emit = [(s, plan) for s, plan in zip(slots, plans) if plan.emit_frame is not None]
         if emit:
-            idx_slot = torch.tensor([s for s, _, _ in emit], device=dev)
-            idx_col = torch.tensor([f for _, _, f in emit], device=dev)[:, None] + self.delay_tensor[None, :]
+            idx_slot = torch.tensor([s for s, _ in emit], device=dev)
+            idx_col = torch.tensor([plan.emit_frame for _, plan in emit], device=dev)[:, None] + self.delay_tensor[None, :]
             codes = b.audio[idx_slot[:, None], torch.arange(self.num_codebooks, device=dev)[None, :], idx_col]
             codes = codes.cpu()
-            for i, (s, st, f) in enumerate(emit):
-                words = [w for w, step in st.text.transcript if step + 1 == f]
-                frames.append(FrameOut(slot=s, frame=f, codes=codes[i], words=words))
+            for i, (s, plan) in enumerate(emit):
+                assert plan.emit_frame is not None
+                words = [w for w, step in plan.text.transcript if step + 1 == plan.emit_frame]
+                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=codes[i], words=words))
+        # Commit: nothing below raises.
+        for st, plan, record in zip(states, plans, records):
+            plan.commit(st)
+            if record is not None and st.record is not None:
+                st.record.append(record)
         return frames
+
+    def _plan_host(
+        self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None
+    ) -> _HostPlan:
+        """One slot's host-side step on copies: state machine, position, emission, context limit."""
+        t = st.position
+        text = st.text.copy()
+        last_frame = st.last_frame
+        if last_frame is None:
+            held = hold(slot) if hold is not None else needs_text(self.rules, text)
+            main, second = process(self.rules, text, t, action, hold=held)
+            if text.end_step is not None:
+                last_frame = text.end_step + self.rules.max_padding
+        else:
+            # After the script ended the text stream only pads (the flush tail).
+            main, second = process(self.rules, text, t, 0)
+        position = t + 1
+        next_frame = st.next_frame
+        emit_frame: int | None = None
+        complete = position - self.max_delay  # newest complete aligned frame after this step
+        if complete >= next_frame and (last_frame is None or next_frame <= last_frame):
+            emit_frame = next_frame
+            next_frame += 1
+        truncated = st.truncated
+        finished = last_frame is not None and next_frame > last_frame
+        if position >= self.context and not finished:
+            # Out of context: emit what is complete, then stop.
+            truncated = True
+            done = next_frame - 1
+            last_frame = done if last_frame is None else min(last_frame, done)
+        return _HostPlan(
+            text=text, main=main, second=second, position=position, next_frame=next_frame,
+            last_frame=last_frame, truncated=truncated, emit_frame=emit_frame,
+        )
 
     def _text_after_step(
         self, slots: list[int], states: list[SlotState], actions: list[int], n: int

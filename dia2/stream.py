@@ -278,34 +278,66 @@ class StreamRunner:
             self.engine.release(stream.slot)
 
     def step(self) -> list[Stream]:
-        """One batched step of every running stream; returns the streams that got new frames."""
+        """One batched step of every running stream; returns the streams that got new frames.
+
+        Fault isolation: a stream whose step raises is FAILED (``error`` says why) and released;
+        the others go on. When the batched step raises, the engine has left every slot's host
+        state untouched, so each slot's step is run again alone and only the slots that raise
+        alone fail (the others advance exactly as in the batch: counter-based RNG, idempotent
+        device writes). A Mimi decode that raises fails the streams of that decode call.
+        """
         if not self.streams:
             return []
         slots = sorted(self.streams)
+        batch_error: Exception | None = None
         try:
             frames = self.engine.step(slots)
-        except Exception as exc:
-            # A failed step fails its streams; the runner stays usable.
-            log.exception("batched step failed for slots %s", slots)
-            for slot in slots:
-                stream = self.streams[slot]
-                stream.status = StreamStatus.FAILED
-                stream.error = f"{type(exc).__name__}: {exc}"
-                self._release(stream)
-            return []
+        except Exception as exc:  # isolation boundary: find the stream(s) that raise alone (below)
+            batch_error, frames = exc, []
+        if batch_error is not None:
+            if len(slots) == 1:
+                self._fail(self.streams[slots[0]], batch_error)
+            else:
+                log.warning("batched step failed for slots %s (%s: %s); retrying each alone",
+                            slots, type(batch_error).__name__, batch_error)
+                for slot in slots:
+                    try:
+                        frames.extend(self.engine.step([slot]))
+                    except Exception as exc:
+                        self._fail(self.streams[slot], exc)
+            slots = [s for s in slots if s in self.streams]
         touched: list[Stream] = []
         if frames:
-            codes = torch.stack([f.codes for f in frames])[:, :, None].to(self.runtime.codec.device)
-            with torch.inference_mode():
-                pcm = self.decoder.decode(codes, rows=[f.slot for f in frames], validate=False)
-            pcm_host = pcm.float().cpu().numpy()
+            try:
+                codes = torch.stack([f.codes for f in frames])[:, :, None].to(self.runtime.codec.device)
+                with torch.inference_mode():
+                    pcm = self.decoder.decode(codes, rows=[f.slot for f in frames], validate=False)
+                pcm_host = pcm.float().cpu().numpy()
+            except Exception as exc:  # the decoder rows may be half-updated: those streams cannot go on
+                for frame in frames:
+                    self._fail(self.streams[frame.slot], exc)
+                frames = []
             for i, frame in enumerate(frames):
                 stream = self.streams[frame.slot]
                 stream._on_frame(frame, pcm_host[i])
                 touched.append(stream)
         for slot in slots:
-            self.streams[slot]._after_step()
+            stream = self.streams.get(slot)
+            if stream is None:
+                continue
+            try:
+                stream._after_step()
+            except Exception as exc:  # e.g. starting the next part of a long turn
+                self._fail(stream, exc)
         return touched
+
+    def _fail(self, stream: Stream, exc: BaseException) -> None:
+        """End ``stream`` as FAILED with the error's text, free its slot, log it with the traceback."""
+        log.error("stream %s (slot %s) failed: %s: %s", stream.id, stream.slot, type(exc).__name__, exc,
+                  exc_info=exc)
+        stream.status = StreamStatus.FAILED
+        stream.error = f"{type(exc).__name__}: {exc}"
+        self._release(stream)
 
     def iter_frames(self, stream: Stream) -> Iterator[AudioFrame]:
         """Drive the runner until ``stream`` ends, yielding its frames as they complete."""
