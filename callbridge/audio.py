@@ -1,0 +1,247 @@
+"""Audio converters between the TTS and the phone line, one set per call and direction.
+
+Outbound: 24 kHz float32 PCM (80 ms Mimi frames of 1920 samples) → soxr streaming
+resampler → 8 kHz float32 FIFO → clip to [-1, 1] → int16 → G.711 mu-law → 160-byte
+(20 ms) chunks. Inbound: mu-law bytes of any length → int16 8 kHz PCM for the VAD.
+
+Never share a converter between calls: the resampler carries state from one chunk to the
+next (shared/docs/twilio-media-streams.md §13–§15, dependencies.md §4–§5).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import ModuleType
+from typing import Final, Literal
+
+import numpy as np
+import soxr
+
+# audioop: built in (deprecated) on 3.11/3.12, the audioop-lts package on 3.13+. Imported
+# here only, with its DeprecationWarning silenced, so `-W error` runs keep working.
+_audioop: ModuleType | None
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import audioop as _audioop
+    except ImportError:  # pragma: no cover - only where neither is installed
+        _audioop = None
+
+__all__ = [
+    "CHUNK_BYTES",
+    "CHUNK_MS",
+    "InboundAudio",
+    "OutboundAudio",
+    "Quality",
+    "pcm16_to_ulaw",
+    "pcm16_to_ulaw_numpy",
+    "ulaw_to_pcm16",
+    "ulaw_to_pcm16_numpy",
+]
+
+LINE_RATE: Final = 8000  # Hz, mu-law both ways
+TTS_RATE: Final = 24000  # Hz, Mimi output
+CHUNK_MS: Final = 20
+CHUNK_BYTES: Final = LINE_RATE * CHUNK_MS // 1000  # 160: one mu-law byte per sample
+ULAW_SILENCE: Final = 0xFF  # mu-law of PCM 0
+
+# --------------------------------------------------------------------------- G.711 mu-law
+
+# CPython audioop's encoder (st_14linear2ulaw): it works on 14-bit samples, so its rounding
+# differs from the classic 16-bit formula on 381 negative inputs (twilio-media-streams.md §13).
+_SEG_END: Final = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
+_CLIP14: Final = 8159
+_BIAS14: Final = 0x84 >> 2  # 33
+
+
+def _encode_formula(pcm16: np.ndarray) -> np.ndarray:
+    """CPython's ``lin2ulaw(…, 2)`` computed in numpy: int16 ``[N]`` → uint8 ``[N]``."""
+    x = pcm16.astype(np.int32) >> 2  # arithmetic shift, as audioop does (sample << 16 >> 18)
+    negative = x < 0
+    mask = np.where(negative, 0x7F, 0xFF)
+    mag = np.minimum(np.abs(x), _CLIP14) + _BIAS14
+    seg = np.searchsorted(_SEG_END, mag, side="left")  # first segment end >= mag
+    # seg == 8 cannot happen after the clip (8159 + 33 = 0x1FFF); kept exact anyway.
+    code = np.where(seg >= 8, 0x7F, (seg << 4) | ((mag >> (seg + 1)) & 0xF))
+    return (code ^ mask).astype(np.uint8)
+
+
+def _decode_formula(ulaw: np.ndarray) -> np.ndarray:
+    """G.711 decode (identical in audioop and the 16-bit form): uint8 ``[N]`` → int16 ``[N]``."""
+    u = (~ulaw.astype(np.int32)) & 0xFF
+    t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+    return np.where(u & 0x80, 0x84 - t, t - 0x84).astype(np.int16)
+
+
+# Built once at import: 64 KiB for encode (indexed by the int16 bits as uint16), 512 B decode.
+_ENCODE_TABLE: Final = _encode_formula(np.arange(65536, dtype=np.uint16).view(np.int16))
+_DECODE_TABLE: Final = _decode_formula(np.arange(256, dtype=np.uint8))
+
+
+def _as_pcm16(samples: np.ndarray) -> np.ndarray:
+    if not isinstance(samples, np.ndarray) or samples.dtype != np.int16:
+        raise TypeError(f"expected an int16 ndarray, got {getattr(samples, 'dtype', type(samples).__name__)}")
+    if samples.ndim != 1:
+        raise ValueError(f"expected mono samples [N], got shape {samples.shape}")
+    return np.ascontiguousarray(samples)
+
+
+def pcm16_to_ulaw_numpy(samples: np.ndarray) -> bytes:
+    """int16 PCM ``[N]`` → ``N`` mu-law bytes, by table; byte-exact with ``audioop.lin2ulaw``."""
+    pcm = _as_pcm16(samples)
+    return bytes(_ENCODE_TABLE[pcm.view(np.uint16)].tobytes())
+
+
+def ulaw_to_pcm16_numpy(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """``N`` mu-law bytes → int16 PCM ``[N]``, by table; equal to ``audioop.ulaw2lin``."""
+    return _DECODE_TABLE[np.frombuffer(data, dtype=np.uint8)]
+
+
+def pcm16_to_ulaw(samples: np.ndarray) -> bytes:
+    """int16 PCM ``[N]`` at 8 kHz → ``N`` mu-law bytes (``audioop`` where present, else numpy)."""
+    pcm = _as_pcm16(samples)
+    if _audioop is None:
+        return pcm16_to_ulaw_numpy(pcm)
+    return bytes(_audioop.lin2ulaw(pcm.tobytes(), 2))
+
+
+def ulaw_to_pcm16(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """``N`` mu-law bytes → a new, writable int16 PCM array ``[N]`` at 8 kHz."""
+    if _audioop is None:
+        return ulaw_to_pcm16_numpy(data)
+    return np.frombuffer(_audioop.ulaw2lin(bytes(data), 2), dtype=np.int16).copy()
+
+
+# --------------------------------------------------------------------------- outbound
+
+Quality = Literal["LQ", "MQ", "HQ", "VHQ"]
+_QUALITIES: Final = ("LQ", "MQ", "HQ", "VHQ")
+
+
+class OutboundAudio:
+    """24 kHz float32 TTS audio → 160-byte 8 kHz mu-law chunks, for one call.
+
+    ``push`` returns every complete chunk available so far; soxr holds some output back
+    (it needs future input for its filter), so the chunk count per push varies. At the end
+    of a turn ``finish`` flushes that tail; on barge-in ``drop`` (after a ``clear``) or
+    ``fade_out`` (when stopping without one) throws it away. Both leave the converter ready
+    for the next turn.
+
+    Quality (soxr recipe; all but QQ filter aliasing equally well, about -83 dB at 5 kHz):
+    the default is ``HQ``: it releases 490 of the 640 samples owed for the first 80 ms
+    frame (61 ms) and holds back 14-71 ms while running. ``VHQ`` is accepted but not the
+    default: it returns nothing for the first frame (a whole 80 ms more to first audio)
+    and holds back up to 152 ms, for no gain audible on an 8 kHz line. ``LQ`` holds back
+    least (5-40 ms). ``QQ`` does no anti-alias filtering and is refused.
+    """
+
+    def __init__(self, quality: Quality | str = "HQ", *, in_rate: int = TTS_RATE) -> None:
+        if quality not in _QUALITIES:
+            raise ValueError(f"resampler quality must be one of {_QUALITIES}, not {quality!r}")
+        self.quality = quality
+        self.in_rate = in_rate
+        self._rs = soxr.ResampleStream(in_rate, LINE_RATE, 1, dtype="float32", quality=quality)
+        self._fifo = np.zeros(0, dtype=np.float32)  # 8 kHz samples not yet cut into a chunk
+        self.clipped_samples = 0  # samples outside [-1, 1] after resampling, over the call
+        self.chunks_out = 0
+
+    @property
+    def pending_samples(self) -> int:
+        """8 kHz samples in the FIFO plus those soxr still holds back."""
+        return int(self._fifo.size + round(self._rs.delay()))
+
+    def _check(self, pcm24k: np.ndarray) -> np.ndarray:
+        if not isinstance(pcm24k, np.ndarray) or pcm24k.dtype.kind != "f":
+            raise TypeError(f"expected float PCM in [-1, 1], got {getattr(pcm24k, 'dtype', type(pcm24k).__name__)}")
+        if pcm24k.ndim != 1:
+            raise ValueError(f"expected mono PCM [T], got shape {pcm24k.shape}")
+        return np.ascontiguousarray(pcm24k, dtype=np.float32)
+
+    def _encode(self, pcm8k: np.ndarray) -> bytes:
+        over = np.count_nonzero(np.abs(pcm8k) > 1.0)
+        if over:
+            self.clipped_samples += int(over)  # rising counts mean the TTS needs headroom
+        pcm16 = np.rint(np.clip(pcm8k, -1.0, 1.0) * 32767.0).astype(np.int16)
+        return pcm16_to_ulaw(pcm16)
+
+    def _cut(self, pcm8k: np.ndarray) -> list[bytes]:
+        fifo = np.concatenate((self._fifo, pcm8k)) if self._fifo.size else pcm8k
+        n = fifo.size - fifo.size % CHUNK_BYTES
+        self._fifo = fifo[n:].copy()
+        if n == 0:
+            return []
+        ulaw = self._encode(fifo[:n])
+        self.chunks_out += n // CHUNK_BYTES
+        return [ulaw[i : i + CHUNK_BYTES] for i in range(0, n, CHUNK_BYTES)]
+
+    def push(self, pcm24k: np.ndarray) -> list[bytes]:
+        """Feed TTS audio ``[T]`` (float, 24 kHz); return every complete 20 ms chunk now ready."""
+        return self._cut(self._rs.resample_chunk(self._check(pcm24k)))
+
+    def finish(self) -> list[bytes]:
+        """End of a turn: flush soxr's tail, pad the last chunk with mu-law silence, reset.
+
+        After ``finish`` the total returned for the turn is ``ceil(round(T / 3) / 160)``
+        chunks for ``T`` input samples.
+        """
+        chunks = self._cut(self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+        if self._fifo.size:
+            tail = self._encode(self._fifo)
+            chunks.append(tail + bytes([ULAW_SILENCE]) * (CHUNK_BYTES - len(tail)))
+            self.chunks_out += 1
+        self._reset()
+        return chunks
+
+    def drop(self) -> int:
+        """Barge-in after a ``clear``: discard everything pending; returns 8 kHz samples dropped."""
+        dropped = self.pending_samples
+        self._reset()
+        return dropped
+
+    def fade_out(self, ms: float = 10.0) -> list[bytes]:
+        """Barge-in without a ``clear``: ``ms`` of what comes next, ramped to zero, then reset.
+
+        Continues exactly where the last chunk returned stopped, with a raised-cosine ramp
+        from full level to silence, so the queue at Twilio ends without a click. Returns
+        at most ``ceil(ms / 20)`` chunks (empty when nothing was pending).
+        """
+        if ms < 0:
+            raise ValueError(f"fade length must be >= 0 ms, got {ms}")
+        tail = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        pending = np.concatenate((self._fifo, tail))
+        n = min(pending.size, round(ms * LINE_RATE / 1000))
+        self._reset()
+        if n == 0:
+            return []
+        ramp = 0.5 * (1.0 + np.cos(np.linspace(0.0, math.pi, n + 1, dtype=np.float64)[1:]))
+        faded = (pending[:n] * ramp).astype(np.float32)
+        padded = math.ceil(n / CHUNK_BYTES) * CHUNK_BYTES
+        ulaw = self._encode(faded) + bytes([ULAW_SILENCE]) * (padded - n)
+        self.chunks_out += padded // CHUNK_BYTES
+        return [ulaw[i : i + CHUNK_BYTES] for i in range(0, padded, CHUNK_BYTES)]
+
+    def _reset(self) -> None:
+        self._rs.clear()
+        self._fifo = np.zeros(0, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+class InboundAudio:
+    """Caller audio: mu-law bytes of any length → int16 8 kHz PCM ``[N]`` (for the VAD).
+
+    Stateless today (mu-law decodes byte by byte); an object per call so that a resampler
+    (e.g. to 16 kHz for another VAD or ASR) can be added without changing callers.
+    """
+
+    sample_rate: Final = LINE_RATE
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+
+    def decode(self, ulaw8k: bytes | bytearray | memoryview) -> np.ndarray:
+        """Decode one payload; returns a new int16 array of ``len(ulaw8k)`` samples."""
+        self.bytes_in += len(ulaw8k)
+        return ulaw_to_pcm16(ulaw8k)
