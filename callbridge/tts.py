@@ -1,0 +1,747 @@
+"""The TTS Worker: one per GPU, its own thread steps every active turn together.
+
+The asyncio event loop never runs torch. A :class:`TtsWorker` owns a
+:class:`dia2.stream.StreamRunner` on a dedicated thread; the loop talks to it through one
+thread-safe command queue, and results come back with ``loop.call_soon_threadsafe`` into a
+per-turn asyncio queue that :meth:`TurnHandle.frames` reads.
+
+Thread loop: with no active stream the thread blocks on the command queue (no busy loop);
+otherwise it applies every pending command (open, push text, close text, cancel), runs one
+``runner.step()`` for all active streams (one batched forward pass), hands the new frames
+and ended turns to the loop in one callback per loop, and goes round again. So a command
+takes effect before the next step: a cancel frees its slot within one step.
+
+Admission is counted in streams and decided on the caller's side, synchronously: a turn
+takes a slot when it is opened and gives it back when it ends or is cancelled. Commands are
+handled in FIFO order, so a slot given back by :meth:`TurnHandle.cancel` is free in the runner
+before any turn opened after that cancel starts. A phone call can hold one slot for its whole
+life with :meth:`TtsWorker.reserve`, so its turns are never refused mid-call.
+
+Command queue: a ``queue.SimpleQueue``, unbounded on purpose: its producer is the event loop,
+which must never block on a put, and its items are a few words of text or a flag each.
+
+Frame queue policy: the producer (the GPU thread) never blocks and never waits for a reader.
+Frames are small (1920 float32 = 7.5 KiB per 80 ms), so each turn's queue is unbounded up to
+``max_backlog_frames`` (default 1500 frames = 120 s of audio, far more than a reader that
+keeps up can fall behind). A turn whose reader lets the backlog reach that cap has a dead
+reader: its further frames are dropped (counted in :attr:`TurnTiming.dropped_frames` and
+logged) and the turn is cancelled to free the GPU slot. With a live reader there are no drops.
+
+Faults: a stream whose step raises is failed (:class:`TurnFailed` from ``frames()``) and the
+others go on (the runner retries a failed batch stream by stream). Anything else that escapes
+a loop iteration is caught at the top of the thread loop, logged with its traceback, and
+fails the turns that were active then; the worker itself never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from dia2.runtime import Dia2
+from dia2.sampling import GenerationConfig
+from dia2.snapshot import VoiceSnapshot
+from dia2.stream import AudioFrame, Stream, StreamRunner, StreamStatus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: 120 s of 80 ms frames: a reader this far behind is not reading any more.
+DEFAULT_MAX_BACKLOG_FRAMES: Final = 1500
+#: Warm-up text: long enough that the first frame (and so every kernel of a step, the
+#: depformer and the Mimi decoder included) is reached before it ends.
+WARM_UP_TEXT: Final = "[S1] Warming up the voice."
+#: Bound on warm-up steps (a tiny model with a short context could otherwise wander).
+WARM_UP_MAX_STEPS: Final = 64
+
+
+class TtsError(Exception):
+    """Base class of the worker's named errors."""
+
+
+class WorkerFull(TtsError):
+    """No stream slot is free (or a reservation already has a running turn); refuse or retry later."""
+
+
+class WorkerClosed(TtsError):
+    """The worker was stopped; it takes no new turns."""
+
+
+class TurnFailed(TtsError):
+    """The turn failed on the worker (a step raised, bad text, a dead reader); ``message`` says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class TurnTiming:
+    """Timing and counters of one turn. Times are ``time.monotonic()`` seconds.
+
+    Updated on the event loop's thread only (the worker sends copies of its counters along
+    with the frames), so reading it from the loop is always consistent.
+    """
+
+    opened_at: float  # open_turn was called
+    started_at: float | None = None  # the worker restored the snapshot (the turn's first step is next)
+    first_frame_at: float | None = None  # the worker had the first complete PCM frame
+    ended_at: float | None = None  # the worker ended the turn (done, cancelled or failed)
+    steps_to_first_frame: int | None = None  # steps of this turn up to and including its first frame
+    steps: int = 0  # steps this turn took part in
+    held_steps: int = 0  # steps spent waiting for text (streaming underruns)
+    parts: int = 1  # long turns are spoken in parts (each restarted from the snapshot)
+    frames: int = 0  # frames delivered to the reader's queue
+    dropped_frames: int = 0  # frames dropped because the reader's backlog hit the cap
+
+    @property
+    def time_to_first_frame_s(self) -> float | None:
+        """Seconds from ``open_turn`` to the first complete frame on the worker."""
+        return None if self.first_frame_at is None else self.first_frame_at - self.opened_at
+
+
+@dataclass(frozen=True)
+class _Counters:
+    """The worker-side counters of a turn, copied into the event that carries them."""
+
+    started_at: float | None
+    first_frame_at: float | None
+    steps_to_first_frame: int | None
+    steps: int
+    held_steps: int
+    parts: int
+
+
+@dataclass(frozen=True)
+class _Event:
+    """Worker → loop: a turn started, got frames, and/or ended."""
+
+    handle: TurnHandle
+    counters: _Counters
+    started: bool = False
+    frames: tuple[AudioFrame, ...] = ()
+    ended: StreamStatus | None = None  # DONE, CANCELLED or FAILED: the turn's last event
+    error: str | None = None
+    ended_at: float | None = None
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class _Open:
+    handle: TurnHandle
+    snapshot: VoiceSnapshot
+    config: GenerationConfig
+    text: str | None
+    close: bool
+
+
+@dataclass(frozen=True)
+class _Push:
+    handle: TurnHandle
+    text: str
+
+
+@dataclass(frozen=True)
+class _CloseText:
+    handle: TurnHandle
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    handle: TurnHandle
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[StreamRunner], Any]
+    future: concurrent.futures.Future[Any]
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_Command = _Open | _Push | _CloseText | _Cancel | _Call | _Stop
+
+
+# ---------------------------------------------------------------------------- handles
+
+
+class Reservation:
+    """One stream slot held for a phone call from admission to hang-up. Build with :meth:`TtsWorker.reserve`.
+
+    Turns opened with ``reservation=`` use this slot, one at a time, and are never refused
+    for lack of capacity. :meth:`release` (idempotent; also the context-manager exit) gives
+    the slot back; a turn still running on it keeps the slot until it ends.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, worker: TtsWorker) -> None:
+        self.id = next(Reservation._ids)
+        self._worker = worker
+        self._released = False
+        self._turn: TurnHandle | None = None  # guarded by the worker's lock
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        self._worker._release_reservation(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class TurnHandle:
+    """The loop-side end of one turn. Build with :meth:`TtsWorker.open_turn`.
+
+    ``push_text``, ``close_text`` and ``cancel`` never block: they queue a command that the
+    worker thread applies between two steps (they may be called from any thread). Frames
+    come out of :meth:`frames`, meant for one reader on the loop that opened the turn.
+    """
+
+    def __init__(self, worker: TtsWorker, turn_id: str, loop: asyncio.AbstractEventLoop,
+                 reservation: Reservation | None, max_backlog_frames: int) -> None:
+        self.turn_id = turn_id
+        self.timing = TurnTiming(opened_at=time.monotonic())
+        self.status = StreamStatus.RUNNING  # as the loop knows it (set from the worker's events)
+        self.error: str | None = None
+        #: The runner slot, set by the worker when the turn starts (diagnostics, tests).
+        self.slot: int | None = None
+        self._worker = worker
+        self._loop = loop
+        self._reservation = reservation
+        self._holds_slot = reservation is None  # guarded by the worker's lock
+        self._max_backlog = max_backlog_frames
+        self._queue: asyncio.Queue[AudioFrame | None] = asyncio.Queue()  # None: the turn ended
+        self._started: asyncio.Future[None] = loop.create_future()
+        self._text_closed = False
+        self._cancel_requested = False
+        self._stream: Stream | None = None  # owned by the worker thread
+        self._log = logging.LoggerAdapter(log, {"worker": worker.name, "turn_id": turn_id})
+
+    def __repr__(self) -> str:
+        return f"<TurnHandle {self.turn_id} {self.status.value}>"
+
+    @property
+    def done(self) -> bool:
+        """True once the worker has ended the turn and said so (its last frame is queued)."""
+        return self.status is not StreamStatus.RUNNING
+
+    @property
+    def text_closed(self) -> bool:
+        return self._text_closed
+
+    def push_text(self, text: str) -> None:
+        """Add text (any chunking; a word is taken once whitespace follows it, or at close)."""
+        if self._text_closed:
+            raise TtsError(f"turn {self.turn_id}: cannot push text after close_text()")
+        if self._cancel_requested or self.done:
+            return  # the turn is over; late text from an LLM stream is not an error
+        self._worker._submit(_Push(self, text))
+
+    def close_text(self) -> None:
+        """No more text: the turn ends after its last word and the flush tail."""
+        if self._text_closed:
+            return
+        self._text_closed = True
+        if not (self._cancel_requested or self.done):
+            self._worker._submit(_CloseText(self))
+
+    def cancel(self) -> None:
+        """Stop the turn (barge-in). Its slot is free for a turn opened right after this call."""
+        if self._cancel_requested or self.done:
+            return
+        self._cancel_requested = True
+        self._worker._end_hold(self)  # before the command: FIFO makes the runner slot free in time
+        self._worker._submit(_Cancel(self))
+
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        """Yield the turn's frames as they complete; end when the turn ends.
+
+        Raises :class:`TurnFailed` after the last good frame if the turn failed. A cancelled
+        turn (by :meth:`cancel` or the worker's stop) just ends.
+        """
+        while True:
+            frame = await self._queue.get()
+            if frame is None:
+                self._queue.put_nowait(None)  # a second reader (or call) ends at once too
+                if self.status is StreamStatus.FAILED:
+                    raise TurnFailed(self.error or "turn failed")
+                return
+            yield frame
+
+    # ---- loop side of the worker's events
+
+    def _apply(self, event: _Event) -> None:
+        c = event.counters
+        t = self.timing
+        t.started_at, t.first_frame_at = c.started_at, c.first_frame_at
+        t.steps_to_first_frame, t.steps, t.held_steps, t.parts = c.steps_to_first_frame, c.steps, c.held_steps, c.parts
+        for frame in event.frames:
+            if self._queue.qsize() >= self._max_backlog:
+                t.dropped_frames += 1
+                if t.dropped_frames == 1:
+                    self._log.warning("turn %s: reader is %d frames behind; dropping frames and cancelling",
+                                      self.turn_id, self._queue.qsize())
+                    self.cancel()
+                continue
+            self._queue.put_nowait(frame)
+            t.frames += 1
+        if event.started and not self._started.done():
+            self._started.set_result(None)
+        if event.ended is not None:
+            t.ended_at = event.ended_at
+            self.status = event.ended
+            self.error = event.error
+            if not self._started.done():
+                if event.ended is StreamStatus.FAILED:
+                    self._started.set_exception(TurnFailed(event.error or "turn failed to start"))
+                else:
+                    self._started.set_result(None)
+            self._queue.put_nowait(None)
+
+
+# ---------------------------------------------------------------------------- the worker
+
+
+@dataclass
+class _Live:
+    """Worker-thread bookkeeping of a started turn."""
+
+    handle: TurnHandle
+    stream: Stream
+    started_at: float
+    first_frame_at: float | None = None
+
+    def counters(self) -> _Counters:
+        s = self.stream.stats
+        return _Counters(
+            started_at=self.started_at, first_frame_at=self.first_frame_at,
+            steps_to_first_frame=s.steps_to_first_frame, steps=s.steps, held_steps=s.held_steps, parts=s.parts,
+        )
+
+
+_NO_COUNTERS: Final = _Counters(None, None, None, 0, 0, 1)
+
+
+@dataclass
+class _Outbox:
+    """Events of one loop iteration, grouped by loop: one ``call_soon_threadsafe`` per loop."""
+
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Event]] = field(default_factory=dict)
+
+    def add(self, event: _Event) -> None:
+        self.by_loop.setdefault(event.handle._loop, []).append(event)
+
+
+class TtsWorker:
+    """One GPU's TTS worker: a thread that owns a :class:`StreamRunner` of ``max_streams`` slots.
+
+    Lifecycle: ``start()`` (spawns the thread, which first runs a warm-up turn; ``await
+    ready()`` to wait for it), ``open_turn(...)`` per text turn, ``await stop()`` (or the
+    blocking ``close()``) at shutdown. Admission is counted in streams: ``capacity``,
+    ``active`` (turns running), ``free`` (slots neither running nor reserved).
+    """
+
+    def __init__(self, runtime: Dia2, max_streams: int, *, name: str = "tts-0",
+                 max_backlog_frames: int = DEFAULT_MAX_BACKLOG_FRAMES) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        if max_backlog_frames < 1:
+            raise ValueError(f"max_backlog_frames must be >= 1, got {max_backlog_frames}")
+        self.runtime = runtime
+        self.name = name
+        self.max_backlog_frames = max_backlog_frames
+        self._capacity = max_streams
+        self._runner: StreamRunner | None = None  # built on the worker thread
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the slot accounting below (held for microseconds)
+        self._held = 0  # slots taken: reservations + turns that do not run on a live reservation
+        self._handles: set[TurnHandle] = set()  # turns opened and not yet ended on the loop side
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ready: concurrent.futures.Future[float] = concurrent.futures.Future()
+        self._live: dict[TurnHandle, _Live] = {}  # worker thread only
+        self.steps = 0  # batched steps run (worker thread writes, anyone may read)
+        self.warm_up_s: float | None = None
+
+    # ---- lifecycle
+
+    def start(self, *, warm_up: bool = True) -> None:
+        """Spawn the worker thread. It warms up first (one short turn with no voice, so the
+        first caller pays no first-use cost); turns opened meanwhile wait in the queue."""
+        if self._thread is not None:
+            raise TtsError(f"worker {self.name} was already started")
+        if self._closed:
+            raise WorkerClosed(f"worker {self.name} is stopped")
+        self._thread = threading.Thread(target=self._run, args=(warm_up,), name=self.name, daemon=True)
+        self._thread.start()
+
+    async def ready(self) -> float:
+        """Wait until the thread is up and warmed up; returns the warm-up time in seconds.
+
+        Raises what the warm-up raised (the worker still serves turns; the caller decides).
+        """
+        return await asyncio.wrap_future(self._ready)
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new turns, cancel every running turn (their ``frames()`` end), join the thread."""
+        await asyncio.to_thread(self.close, timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Blocking :meth:`stop`, for code outside the event loop."""
+        self._closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        self._commands.put(_Stop())
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.error("tts worker %s did not stop within %.1f s", self.name, timeout_s)
+
+    # ---- admission (counted in streams)
+
+    @property
+    def capacity(self) -> int:
+        """Stream slots of the runner (``max_streams``)."""
+        return self._capacity
+
+    @property
+    def active(self) -> int:
+        """Turns opened and not yet ended."""
+        return len(self._handles)
+
+    @property
+    def free(self) -> int:
+        """Slots neither used by a turn nor held by a reservation."""
+        with self._lock:
+            return self._capacity - self._held
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def can_admit(self, streams: int = 1) -> bool:
+        """True when ``streams`` more slots could be taken now (and the worker is open)."""
+        return not self._closed and self.free >= streams
+
+    def reserve(self) -> Reservation | None:
+        """Hold one slot for a call (webhook admission); None when full or stopped.
+
+        Release it at hang-up (``Reservation.release()`` or ``with``).
+        """
+        if self._closed:
+            return None
+        with self._lock:
+            if self._held >= self._capacity:
+                return None
+            self._held += 1
+        return Reservation(self)
+
+    def _release_reservation(self, reservation: Reservation) -> None:
+        with self._lock:
+            if reservation._released:
+                return
+            reservation._released = True
+            turn = reservation._turn
+            if turn is not None and not turn._holds_slot:
+                turn._holds_slot = True  # the running turn keeps the slot until it ends
+            else:
+                self._held -= 1
+
+    def _take_slot(self, handle: TurnHandle, reservation: Reservation | None) -> None:
+        with self._lock:
+            if reservation is not None:
+                if reservation._released:
+                    raise TtsError(f"reservation {reservation.id} was released")
+                if reservation._turn is not None:
+                    raise WorkerFull(f"reservation {reservation.id} already runs turn "
+                                     f"{reservation._turn.turn_id}; cancel it first")
+                reservation._turn = handle
+            elif self._held >= self._capacity:
+                raise WorkerFull(f"worker {self.name}: all {self._capacity} stream slots are taken")
+            else:
+                self._held += 1
+            self._handles.add(handle)
+
+    def _end_hold(self, handle: TurnHandle) -> None:
+        """The turn no longer needs its slot (ended, or cancel queued). Idempotent; any thread."""
+        with self._lock:
+            if handle not in self._handles:
+                return
+            self._handles.discard(handle)
+            if handle._holds_slot:
+                handle._holds_slot = False
+                self._held -= 1
+            res = handle._reservation
+            if res is not None and res._turn is handle:
+                res._turn = None
+
+    # ---- turns
+
+    async def open_turn(
+        self,
+        snapshot: VoiceSnapshot,
+        config: GenerationConfig,
+        *,
+        turn_id: str,
+        text: str | None = None,
+        close: bool = False,
+        reservation: Reservation | None = None,
+    ) -> TurnHandle:
+        """Start a turn restored from ``snapshot``; returns once the worker has started it.
+
+        ``text``: its first text (more with ``push_text``); ``close``: no more text after it.
+        ``reservation``: run on a call's reserved slot instead of a free one.
+        Raises :class:`WorkerFull` (no slot), :class:`WorkerClosed` (stopped), or
+        :class:`TurnFailed` (the worker could not start it, e.g. unusable text).
+        """
+        if self._closed:
+            raise WorkerClosed(f"worker {self.name} is stopped")
+        if self._thread is None:
+            raise TtsError(f"worker {self.name} is not started; call start() first")
+        handle = TurnHandle(self, turn_id, asyncio.get_running_loop(), reservation, self.max_backlog_frames)
+        self._take_slot(handle, reservation)
+        if close:
+            handle._text_closed = True
+        self._submit(_Open(handle, snapshot, config, text, close))
+        try:
+            await asyncio.shield(handle._started)
+        except asyncio.CancelledError:
+            handle.cancel()  # the opener gave up: do not leak the slot
+            raise
+        return handle
+
+    async def call(self, fn: Callable[[StreamRunner], T]) -> T:
+        """Run ``fn(runner)`` on the worker thread between two steps; for diagnostics and tests."""
+        if self._thread is None or self._closed:
+            raise WorkerClosed(f"worker {self.name} is not running")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._submit(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
+    def _submit(self, command: _Command) -> None:
+        self._commands.put(command)
+
+    # ---- the thread
+
+    def _run(self, warm_up: bool) -> None:
+        """The worker thread: build the runner, warm up, then serve commands and step."""
+        try:
+            self._runner = StreamRunner(self.runtime, self._capacity)
+            seconds = self._warm_up() if warm_up else 0.0
+        except Exception as exc:
+            log.exception("tts worker %s: start-up failed", self.name)
+            self._ready.set_exception(exc)
+            if self._runner is None:  # nothing to serve with: refuse new turns, end queued ones
+                self._closed = True
+                self._drain_after_stop()
+                return
+        else:
+            self.warm_up_s = seconds
+            self._ready.set_result(seconds)
+            log.info("tts worker %s ready: %d streams, warm-up %.0f ms", self.name, self._capacity, seconds * 1e3)
+        runner = self._runner
+        stopping = False
+        while not stopping:
+            outbox = _Outbox()
+            try:
+                stopping = self._apply_commands(runner, outbox, block=not runner.streams)
+                if stopping:
+                    self._cancel_all(outbox, StreamStatus.CANCELLED, None)
+                elif runner.streams:
+                    self._step(runner, outbox)
+            except Exception as exc:  # top of the thread loop: log, fail the active turns, go on
+                log.exception("tts worker %s: step loop error; failing %d active turn(s)", self.name, len(self._live))
+                self._cancel_all(outbox, StreamStatus.FAILED, f"worker error: {type(exc).__name__}: {exc}")
+            self._flush(outbox)
+        self._drain_after_stop()
+        log.info("tts worker %s stopped after %d steps", self.name, self.steps)
+
+    def _warm_up(self) -> float:
+        """One short turn with no voice prompt, stepped to its first frame, then cancelled."""
+        runner = self._runner
+        assert runner is not None
+        start = time.monotonic()
+        stream = runner.start(None, GenerationConfig(seed=0), text=WARM_UP_TEXT, close=True)
+        for _ in range(WARM_UP_MAX_STEPS):
+            runner.step()
+            if stream.stats.first_frame_at is not None or stream.done:
+                break
+        stream.cancel()
+        return time.monotonic() - start
+
+    def _apply_commands(self, runner: StreamRunner, outbox: _Outbox, *, block: bool) -> bool:
+        """Apply every queued command (waiting for one first if ``block``); True on stop."""
+        try:
+            command = self._commands.get() if block else self._commands.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            if isinstance(command, _Stop):
+                return True
+            self._apply(runner, command, outbox)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return False
+
+    def _apply(self, runner: StreamRunner, command: _Command, outbox: _Outbox) -> None:
+        if isinstance(command, _Open):
+            self._open(runner, command, outbox)
+        elif isinstance(command, _Call):
+            if command.future.set_running_or_notify_cancel():
+                try:
+                    command.future.set_result(command.fn(runner))
+                except Exception as exc:  # the caller's function: its error goes back to the caller
+                    command.future.set_exception(exc)
+        elif isinstance(command, _Push | _CloseText | _Cancel):
+            live = self._live.get(command.handle)
+            if live is None:
+                return  # ended already (or never started): nothing to do
+            if isinstance(command, _Cancel):
+                live.stream.cancel()
+                self._end(live, outbox, StreamStatus.CANCELLED, None)
+                return
+            try:
+                if isinstance(command, _Push):
+                    live.stream.push_text(command.text)
+                else:
+                    live.stream.close_text()
+            except Exception as exc:  # e.g. ScriptError for markup it cannot speak: this turn fails
+                live.stream.cancel()
+                self._end(live, outbox, StreamStatus.FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _open(self, runner: StreamRunner, command: _Open, outbox: _Outbox) -> None:
+        handle = command.handle
+        if handle._cancel_requested:
+            outbox.add(_Event(handle, _NO_COUNTERS, ended=StreamStatus.CANCELLED, ended_at=time.monotonic()))
+            return
+        try:
+            stream = runner.start(command.snapshot, command.config)
+        except Exception as exc:  # e.g. a snapshot for another model: this turn fails, not the worker
+            handle._log.warning("turn %s could not start: %s: %s", handle.turn_id, type(exc).__name__, exc)
+            self._end_hold(handle)
+            outbox.add(_Event(handle, _NO_COUNTERS, ended=StreamStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
+                              ended_at=time.monotonic()))
+            return
+        live = _Live(handle, stream, started_at=time.monotonic())
+        self._live[handle] = live
+        handle._stream = stream
+        handle.slot = stream.slot
+        outbox.add(_Event(handle, live.counters(), started=True))
+        handle._log.debug("turn %s started in slot %s", handle.turn_id, stream.slot)
+        try:
+            if command.text:
+                stream.push_text(command.text)
+            if command.close:
+                stream.close_text()
+        except Exception as exc:  # unusable text: this turn fails
+            stream.cancel()
+            self._end(live, outbox, StreamStatus.FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _step(self, runner: StreamRunner, outbox: _Outbox) -> None:
+        """One batched step of every running stream, then hand out frames and ends."""
+        runner.step()
+        self.steps += 1
+        now = time.monotonic()
+        for live in list(self._live.values()):
+            frames = live.stream.pop_frames()
+            if frames and live.first_frame_at is None:
+                live.first_frame_at = now
+            status = live.stream.status
+            if status is StreamStatus.RUNNING:
+                if frames:
+                    outbox.add(_Event(live.handle, live.counters(), frames=tuple(frames)))
+                continue
+            self._end(live, outbox, status, live.stream.error, frames=tuple(frames))
+
+    def _end(self, live: _Live, outbox: _Outbox, ended: StreamStatus, error: str | None,
+             frames: tuple[AudioFrame, ...] = ()) -> None:
+        """The turn is over on the worker: forget it, give its slot back, tell the loop, log it."""
+        handle = live.handle
+        self._live.pop(handle, None)
+        self._end_hold(handle)
+        outbox.add(_Event(handle, live.counters(), frames=frames, ended=ended, error=error, ended_at=time.monotonic()))
+        stats = live.stream.stats
+        ttff_ms = (live.first_frame_at - handle.timing.opened_at) * 1e3 if live.first_frame_at is not None else None
+        if ended is StreamStatus.FAILED:
+            handle._log.error("turn %s failed after %d steps: %s", handle.turn_id, stats.steps, error)
+        else:
+            handle._log.info(
+                "turn %s %s: first frame %s ms after open, %s steps to first frame, %d steps, %d held, %d part(s)",
+                handle.turn_id, ended.value, f"{ttff_ms:.0f}" if ttff_ms is not None else "-",
+                stats.steps_to_first_frame, stats.steps, stats.held_steps, stats.parts,
+            )
+
+    def _cancel_all(self, outbox: _Outbox, ended: StreamStatus, error: str | None) -> None:
+        for live in list(self._live.values()):
+            if not live.stream.done:
+                live.stream.cancel()
+            self._end(live, outbox, ended, error)
+
+    def _flush(self, outbox: _Outbox) -> None:
+        """One ``call_soon_threadsafe`` per loop with this iteration's events; never blocks."""
+        for loop, events in outbox.by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # that loop is closed: nobody will read these turns
+                for event in events:
+                    live = self._live.get(event.handle)
+                    if live is not None:
+                        live.stream.cancel()
+                        self._live.pop(event.handle, None)
+                    self._end_hold(event.handle)
+                log.warning("tts worker %s: event loop closed; dropped %d event(s)", self.name, len(events))
+
+    def _drain_after_stop(self) -> None:
+        """Commands that raced with stop: opens end as cancelled, calls are refused."""
+        outbox = _Outbox()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Open):
+                self._end_hold(command.handle)
+                outbox.add(_Event(command.handle, _NO_COUNTERS, ended=StreamStatus.CANCELLED, ended_at=time.monotonic()))
+            elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+                command.future.set_exception(WorkerClosed(f"worker {self.name} is stopped"))
+        self._flush(outbox)
+
+
+def _deliver(events: list[_Event]) -> None:
+    """Runs on the event loop: apply the worker's events to their handles in order."""
+    for event in events:
+        event.handle._apply(event)
+
+
+__all__ = [
+    "DEFAULT_MAX_BACKLOG_FRAMES",
+    "Reservation",
+    "TtsError",
+    "TtsWorker",
+    "TurnFailed",
+    "TurnHandle",
+    "TurnTiming",
+    "WorkerClosed",
+    "WorkerFull",
+]
