@@ -25,6 +25,7 @@ from .tiny_tokenizer import write_tiny_tokenizer
 
 Shape = Literal["tiny", "1b", "2b"]
 SHAPES: tuple[str, ...] = ("tiny", "1b", "2b")
+RANDOM_MARKER = "random_weights.json"
 
 _DATA = {
     "channels": 34,
@@ -152,4 +153,10 @@ def write_random_checkpoint(
 
     write_random_mimi(out / "mimi", size=mimi or ("tiny" if shape == "tiny" else "full"), seed=seed)
     (out / MANIFEST_NAME).write_text(json.dumps({"mimi": "mimi"}, indent=2) + "\n")
+    # Not part of the official layout: lets tools say loudly that these weights are random.
+    (out / RANDOM_MARKER).write_text(json.dumps({"shape": shape, "seed": seed}) + "\n")
     return out
+
+
+def is_random_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / RANDOM_MARKER).exists()

@@ -1,0 +1,237 @@
+"""Service settings: TOML defaults, environment overrides, secrets from the environment only.
+
+Read once at start into frozen dataclasses (:func:`load_settings`); nothing reads
+``os.environ`` after that. Every invalid value is reported with its key and the bad value.
+``config/callbridge.toml`` documents each key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "callbridge.toml"
+
+
+class SettingsError(Exception):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str = ""  # the https:// URL Twilio reaches us at; signatures are checked against it
+    shutdown_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    enabled: bool = True  # control API and /ws/stream_tts need the API token
+    api_token: str = field(default="", repr=False)  # env CALLBRIDGE_API_TOKEN only
+
+
+@dataclass(frozen=True)
+class TwilioSettings:
+    validate_signatures: bool = True
+    auth_token: str = field(default="", repr=False)  # env TWILIO_AUTH_TOKEN only
+    account_sid: str = ""  # env TWILIO_ACCOUNT_SID; needed for REST hang-up
+    api_base_url: str = "https://api.twilio.com"
+    stream_token_ttl_s: float = 30.0
+    start_timeout_s: float = 5.0
+    max_message_bytes: int = 64 * 1024
+    max_messages_per_s: int = 200
+    greeting: str = ""
+    status_callback: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model: str = "random-tiny"  # a model folder, a hub repo id, or random-tiny
+    device: str = "auto"
+    dtype: str = "auto"
+    mimi: str = ""
+
+
+@dataclass(frozen=True)
+class VoiceSettings:
+    dir: str = "voices"
+    default: str = "default"
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    max_streams: int = 8
+    cfg_scale: float = 2.0
+    temperature: float = 0.8
+    text_temperature: float = 0.6
+    top_k: int = 50
+    initial_padding: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    resampler_quality: str = "HQ"
+    lead_ms: int = 120
+    fade_out_ms: int = 10
+    mark_every_frames: int = 1
+    send_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class BargeInSettings:
+    enabled: bool = True
+    min_speech_ms: int = 240
+    aggressiveness: int = 2
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    max_calls: int = 8
+    max_turn_chars: int = 2000
+    max_queued_turns: int = 8
+    hangup_drain_timeout_s: float = 3.0
+    max_call_s: float = 4 * 3600.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    twilio: TwilioSettings = TwilioSettings()
+    model: ModelSettings = ModelSettings()
+    voices: VoiceSettings = VoiceSettings()
+    tts: TtsSettings = TtsSettings()
+    audio: AudioSettings = AudioSettings()
+    bargein: BargeInSettings = BargeInSettings()
+    calls: CallSettings = CallSettings()
+
+    def with_(self, **sections: dict[str, Any]) -> Settings:
+        """A copy with some keys replaced, e.g. ``with_(server={"port": 0})`` (validated)."""
+        out = self
+        for name, values in sections.items():
+            out = replace(out, **{name: _section(name, values, getattr(out, name), from_file=False)})
+        validate(out)
+        return out
+
+
+# Environment variables → (section, key). Secrets come only from here.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "CALLBRIDGE_HOST": ("server", "host"),
+    "CALLBRIDGE_PORT": ("server", "port"),
+    "CALLBRIDGE_PUBLIC_BASE_URL": ("server", "public_base_url"),
+    "CALLBRIDGE_MODEL": ("model", "model"),
+    "CALLBRIDGE_DEVICE": ("model", "device"),
+    "CALLBRIDGE_VOICE": ("voices", "default"),
+    "CALLBRIDGE_VOICES_DIR": ("voices", "dir"),
+    "CALLBRIDGE_API_TOKEN": ("auth", "api_token"),
+    "CALLBRIDGE_AUTH": ("auth", "enabled"),
+    "CALLBRIDGE_MAX_CALLS": ("calls", "max_calls"),
+    "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
+    "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
+    "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
+}
+SECRET_KEYS = {("auth", "api_token"), ("twilio", "auth_token")}
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    target = type(default)
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise SettingsError(f"{key}: expected true/false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}") from None
+    if target is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise SettingsError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _section(name: str, values: Any, base: Any, *, from_file: bool) -> Any:
+    """``base`` (a section dataclass) with ``values`` applied and type-checked."""
+    if not isinstance(values, dict):
+        raise SettingsError(f"[{name}] must be a table")
+    known = {f.name for f in fields(base)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise SettingsError(f"unknown setting {name}.{key} (known: {', '.join(sorted(known))})")
+        if from_file and (name, key) in SECRET_KEYS and value:
+            raise SettingsError(f"{name}.{key} is a secret: set it in the environment, not in the config file")
+        kwargs[key] = _coerce(value, getattr(base, key), f"{name}.{key}")
+    return replace(base, **kwargs)
+
+
+def validate(s: Settings) -> None:
+    def bad(key: str, value: Any, why: str) -> SettingsError:
+        return SettingsError(f"{key} = {value!r}: {why}")
+
+    if not 0 <= s.server.port <= 65535:
+        raise bad("server.port", s.server.port, "must be 0…65535")
+    url = s.server.public_base_url
+    if url and not url.startswith(("https://", "http://")):
+        raise bad("server.public_base_url", url, "must start with https:// (or http:// for local tests)")
+    if url and ("?" in url or "#" in url):
+        raise bad("server.public_base_url", url, "must not carry a query string or fragment")
+    if s.tts.max_streams < 1:
+        raise bad("tts.max_streams", s.tts.max_streams, "must be at least 1")
+    if s.calls.max_calls < 1:
+        raise bad("calls.max_calls", s.calls.max_calls, "must be at least 1")
+    if s.audio.resampler_quality not in ("LQ", "MQ", "HQ", "VHQ"):
+        raise bad("audio.resampler_quality", s.audio.resampler_quality, "use LQ, MQ, HQ or VHQ")
+    if not 0 <= s.audio.lead_ms <= 2000:
+        raise bad("audio.lead_ms", s.audio.lead_ms, "must be 0…2000")
+    if s.audio.mark_every_frames < 1:
+        raise bad("audio.mark_every_frames", s.audio.mark_every_frames, "must be at least 1")
+    if not 0 <= s.bargein.aggressiveness <= 3:
+        raise bad("bargein.aggressiveness", s.bargein.aggressiveness, "must be 0…3")
+    if s.tts.top_k < 0:
+        raise bad("tts.top_k", s.tts.top_k, "must be >= 0")
+    if s.twilio.max_message_bytes < 1024:
+        raise bad("twilio.max_message_bytes", s.twilio.max_message_bytes, "must be at least 1024")
+    if s.calls.max_turn_chars < 1:
+        raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
+
+
+def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """File (``path``, else $CALLBRIDGE_CONFIG, else config/callbridge.toml) + environment overrides."""
+    environ = dict(os.environ) if env is None else env
+    chosen = Path(path or environ.get("CALLBRIDGE_CONFIG") or DEFAULT_CONFIG)
+    raw: dict[str, Any] = {}
+    if chosen.exists():
+        try:
+            raw = tomllib.loads(chosen.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{chosen}: invalid TOML ({exc})") from None
+    elif path or environ.get("CALLBRIDGE_CONFIG"):
+        raise SettingsError(f"config file not found: {chosen}")
+    settings = Settings()
+    known_sections = {f.name for f in fields(Settings)}
+    for name, values in raw.items():
+        if name not in known_sections:
+            raise SettingsError(f"{chosen}: unknown section [{name}] (known: {', '.join(sorted(known_sections))})")
+        current = getattr(settings, name)
+        settings = replace(settings, **{name: _section(name, values, current, from_file=True)})
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in environ and environ[var] != "":
+            current = getattr(settings, section)
+            value = _coerce(environ[var], getattr(current, key), f"{var} ({section}.{key})")
+            settings = replace(settings, **{section: replace(current, **{key: value})})
+    validate(settings)
+    return settings
