@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import secrets
 import time
@@ -167,15 +168,19 @@ def check_api_token(request: web.Request) -> None:
         )
 
 
-def _json_error(cls: type[web.HTTPException], message: str) -> web.HTTPException:
-    return cls(text=f'{{"error": {message!r}}}'.replace("'", '"'), content_type="application/json")
+class JsonError(web.HTTPError):
+    """An HTTP error with a JSON body ``{"error": message}`` and any status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status_code = status
+        super().__init__(text=json.dumps({"error": message}), content_type="application/json")
 
 
 def _get_call(request: web.Request) -> Call:
     sid = request.match_info["call_sid"]
     call = services(request).calls.get(sid)
     if call is None:
-        raise web.HTTPNotFound(text='{"error": "unknown call"}', content_type="application/json")
+        raise JsonError(404, "unknown call")
     return call
 
 
@@ -191,7 +196,7 @@ async def twilio_voice(request: web.Request) -> web.Response:
         values = form.getall(key)
         params[key] = [str(v) for v in values] if len(values) > 1 else str(values[0])
     base = _public_base(request, svc.settings)
-    _check_twilio_signature(request, public_url(base, request.path, request.query_string), params)
+    _check_twilio_signature(request, public_url(base, request.rel_url.raw_path, request.rel_url.raw_query_string), params)
     call_sid = str(params.get("CallSid", ""))
     if not call_sid.startswith("CA") or len(call_sid) > 64:
         raise web.HTTPBadRequest(text="missing or malformed CallSid")
@@ -231,7 +236,7 @@ async def twilio_stream_status(request: web.Request) -> web.Response:
     form = await request.post()
     params = {k: str(v) for k, v in form.items()}
     _check_twilio_signature(request, public_url(_public_base(request, svc.settings), request.path,
-                                                request.query_string), params)
+                                                request.rel_url.raw_query_string), params)
     log.info("stream status %s for call %s: %s", params.get("StreamEvent"), params.get("CallSid"),
              params.get("StreamError", ""))
     return web.Response(status=204)
@@ -349,13 +354,13 @@ async def get_call(request: web.Request) -> web.Response:
 
 async def _read_json(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > 256 * 1024:
-        raise _json_error(web.HTTPRequestEntityTooLarge, "body too large")
+        raise JsonError(413, "body too large")
     try:
         body = await request.json()
     except ValueError:
-        raise _json_error(web.HTTPBadRequest, "body must be JSON") from None
+        raise JsonError(400, "body must be JSON") from None
     if not isinstance(body, dict):
-        raise _json_error(web.HTTPBadRequest, "body must be a JSON object")
+        raise JsonError(400, "body must be a JSON object")
     return body
 
 
@@ -365,28 +370,22 @@ async def post_turn(request: web.Request) -> web.Response:
     body = await _read_json(request)
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise _json_error(web.HTTPBadRequest, "'text' must be a non-empty string")
+        raise JsonError(400, "'text' must be a non-empty string")
     interrupt = body.get("interrupt", False)
     if not isinstance(interrupt, bool):
-        raise _json_error(web.HTTPBadRequest, "'interrupt' must be true or false")
+        raise JsonError(400, "'interrupt' must be true or false")
     try:
         turn = call.add_turn(text, close=True, interrupt=interrupt, source="api")
     except TurnRejected as exc:
-        raise _json_error(_status(exc.status), str(exc)) from None
+        raise JsonError(exc.status, str(exc)) from None
     return web.json_response({"turn_id": turn.id, "queued": len(call.turns)}, status=202)
-
-
-def _status(code: int) -> type[web.HTTPException]:
-    return {409: web.HTTPConflict, 413: web.HTTPRequestEntityTooLarge, 429: web.HTTPTooManyRequests}.get(
-        code, web.HTTPBadRequest
-    )
 
 
 async def delete_turn(request: web.Request) -> web.Response:
     check_api_token(request)
     call = _get_call(request)
     if not call.cancel_turn(request.match_info["turn_id"]):
-        raise _json_error(web.HTTPNotFound, "no such queued or playing turn")
+        raise JsonError(404, "no such queued or playing turn")
     return web.json_response({"cancelled": request.match_info["turn_id"]})
 
 
