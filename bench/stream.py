@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dia2 import Dia2, GenerationConfig, PromptClip, VoicePrompt
+from dia2.audio_io import synthetic_speechlike
 from dia2.random_checkpoint import SHAPES, write_random_checkpoint
 from dia2.snapshot import VoiceSnapshot, build_snapshot
 from dia2.stream import Stream, StreamRunner
@@ -49,18 +49,6 @@ class TurnFigures:
     steps_to_first_frame: int
     ttfa_ms: float  # text known → first 24 kHz PCM frame on the host
     steps_per_s: float  # one stream, after its first frame
-
-
-def synthetic_speechlike(seconds: float, seed: int = 0) -> np.ndarray:
-    """A 24 kHz float32 signal with speech-like structure (voiced harmonics under a syllable
-    envelope, plus noise), so Mimi codes are not those of silence. Not real speech."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 24000)) / 24000
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / 24000
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
-    return (0.2 * voiced * envelope + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def synthetic_words(text: str, seconds: float) -> tuple[WordTiming, ...]:

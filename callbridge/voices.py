@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from dia2 import Dia2, PromptClip, VoicePrompt
+from dia2.audio_io import synthetic_speechlike
 from dia2.errors import Dia2Error
 from dia2.snapshot import VoiceSnapshot, build_snapshot, load_snapshot
 from dia2.text import WordTiming
@@ -39,25 +38,14 @@ class Voice:
     folder: Path | None  # None for the generated demo voice
 
 
-def synthetic_voice_audio(seconds: float, seed: int, f0: float = 140.0) -> np.ndarray:
-    """A 24 kHz speech-like signal (gliding harmonics, syllable envelope, breath noise)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 24000)) / 24000
-    pitch = f0 + 0.2 * f0 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(pitch) / 24000
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
-    return (0.2 * voiced * envelope + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
-
-
 def demo_voice_prompt() -> VoicePrompt:
     """Generated S1 + S2 clips with made-up word timings (for the random model only)."""
     s1_words = ("Hello", "and", "welcome.", "This", "is", "the", "demo", "voice.")
     s1 = tuple(WordTiming(w, 0.1 + 0.3 * i, 0.35 + 0.3 * i) for i, w in enumerate(s1_words))
     s2 = (WordTiming("Hi", 0.1, 0.4), WordTiming("there.", 0.5, 0.9))
     return VoicePrompt(
-        s1=PromptClip(synthetic_voice_audio(2.8, seed=1), s1),
-        s2=PromptClip(synthetic_voice_audio(1.0, seed=2, f0=210.0), s2),
+        s1=PromptClip(synthetic_speechlike(2.8, seed=1), s1),
+        s2=PromptClip(synthetic_speechlike(1.0, seed=2, f0_hz=210.0), s2),
     )
 
 

@@ -46,3 +46,16 @@ def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int = SAMPLE_R
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16")
     return path
+
+
+def synthetic_speechlike(seconds: float, seed: int = 0, f0_hz: float = 140.0) -> np.ndarray:
+    """A 24 kHz float32 signal with speech-like structure (gliding voiced harmonics under a
+    syllable envelope, plus breath noise), so Mimi codes are not those of silence. Not real
+    speech: for tests, benchmarks and the random-model demo voice."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    f0 = f0_hz + 0.2 * f0_hz * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    return (0.2 * voiced * envelope + 0.02 * rng.standard_normal(t.size)).astype(np.float32)

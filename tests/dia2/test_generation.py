@@ -12,23 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dia2 import Dia2, GenerationConfig, PromptClip, ScriptError, VoicePrompt
+from dia2.audio_io import synthetic_speechlike
 from dia2.cli import main as dia2_main
 from dia2.errors import PromptError
 from dia2.text import WordTiming
 from dia2.trace import teacher_forced_trace
 
 TEXT = "[S1] Hello there, how are you?"
-
-
-def synthetic_speechlike(seconds: float, seed: int = 0) -> np.ndarray:
-    """A 24 kHz test signal with some structure (harmonics + noise bursts), not real speech."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 24000)) / 24000
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / 24000
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
-    return (0.2 * voiced * envelope + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def test_same_seed_same_tokens_and_different_seed_differs(tiny_runtime: Dia2) -> None:

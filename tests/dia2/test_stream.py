@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from dia2 import Dia2, GenerationConfig, PromptClip, VoicePrompt
+from dia2.audio_io import synthetic_speechlike
 from dia2.errors import PromptError, SnapshotError, StreamError
 from dia2.snapshot import VoiceSnapshot, build_snapshot, load_snapshot
 from dia2.state_machine import needs_text
 from dia2.stream import StreamRunner
 from dia2.text import WordTiming
-
-from .test_generation import synthetic_speechlike
 
 S1_WORDS = (WordTiming("Hello", 0.1, 0.5), WordTiming("my", 0.6, 0.8), WordTiming("friend.", 0.9, 1.6))
 S2_WORDS = (WordTiming("Hi", 0.1, 0.4), WordTiming("there.", 0.5, 0.9))
