@@ -84,7 +84,8 @@ class VoiceRegistry:
                 snap = load_snapshot(folder / SNAPSHOT_FILE, runtime)
             except Dia2Error as exc:
                 msg = (f"voice {folder.name!r}: {exc}. Rebuild it: callbridge voice build {folder.name} "
-                       f"--audio {folder / 'prompt.wav'} (or `callbridge voice build --rebuild-all`)")
+                       f"--audio {folder / 'prompt.wav'} --words {folder / 'words.json'} "
+                       "(or `callbridge voice build --rebuild-all` for every voice)")
                 if folder.name == default:
                     raise VoiceError(msg) from None
                 log.warning("%s", msg)

@@ -59,7 +59,8 @@ def weights_identity(path: Path) -> str:
 
 def codec_identity(runtime: Dia2) -> str:
     cfg = runtime.codec.model.config.to_dict()
-    cfg.pop("transformers_version", None)
+    for volatile in ("transformers_version", "_name_or_path"):  # not part of the codec's identity
+        cfg.pop(volatile, None)
     text = json.dumps(cfg, sort_keys=True, default=str)
     first = next(iter(runtime.codec.model.parameters())).detach().float().flatten()[:256].cpu().numpy().tobytes()
     return hashlib.sha256(text.encode() + first).hexdigest()[:16]
