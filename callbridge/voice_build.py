@@ -11,19 +11,19 @@ The pieces are plain functions so each can be tested alone: :func:`check_prompt_
 (mono, 24 kHz, limits, silence, clipping, one-speaker hint, trim, level), :func:`transcribe`
 (openai-whisper word timestamps, imported lazily), :func:`read_words_file`,
 :func:`write_voice_folder`, :func:`build_voice` and :func:`rebuild_all`.
+
+The audio checks live in :mod:`callbridge.voice_audio`, words files and Whisper in
+:mod:`callbridge.voice_words`; this module builds, writes and rebuilds voice folders and
+re-exports the names its callers import from it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import shutil
 import time
-import urllib.error
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -35,13 +35,30 @@ from dia2.errors import Dia2Error
 from dia2.snapshot import LAYOUTS, Layout, VoiceSnapshot, build_snapshot, identity_of
 from dia2.text import WordTiming
 
+from .voice_audio import (
+    S1_LIMITS,
+    S2_LIMITS,
+    SAMPLE_RATE,
+    AudioLimits,
+    VoiceBuildError,
+    prepare_prompt_audio,
+    read_source_audio,
+)
+from .voice_audio import check_prompt_audio as check_prompt_audio
+from .voice_words import (
+    DEFAULT_LANGUAGE,
+    DEFAULT_WHISPER_MODEL,
+    Transcript,
+    load_whisper,
+    read_words_file,
+    shift_words,
+    tidy_words,
+    transcribe_with,
+    words_to_json,
+)
 from .voices import MANIFEST_FILE, SNAPSHOT_FILE
 
 Say = Callable[[str], None]
-
-SAMPLE_RATE = 24000  # Dia2 / Mimi prompt rate
-WHISPER_RATE = 16000  # what openai-whisper's log-mel front end expects
-MIN_SOURCE_RATE = 8000  # phone audio; anything lower has lost the voice
 
 PROMPT_FILE = "prompt.wav"
 WORDS_FILE = "words.json"
@@ -49,55 +66,10 @@ S2_FILE = "s2.wav"
 S2_WORDS_FILE = "s2_words.json"
 VOICE_FORMAT = 1  # version of manifest.json (the snapshot file has its own)
 
-DEFAULT_WHISPER_MODEL = "base.en"
-DEFAULT_LANGUAGE = "en"
-WHISPER_INSTALL = (
-    "pip install --no-deps openai-whisper && pip install numba tiktoken more-itertools "
-    "(its triton dependency is ~1 GB and only used on CUDA)"
-)
-
-# Level checks, on float samples in [-1, 1].
-SILENCE_RMS = 1e-3  # the whole clip below this is silence (the same floor dia2.snapshot uses)
-TRIM_FLOOR_DB = -40.0  # 20 ms windows this far below the loudest one count as silence
-TRIM_WINDOW_S = 0.02
-TRIM_MARGIN_S = 0.1  # kept on each side so a soft onset or release is not cut
-CLIP_TOLERANCE = 1.5e-5  # "at the peak": within half an LSB of 16-bit audio
-CLIP_MIN_RUN = 3  # a real peak touches the top for 1-2 samples; clipping sits there flat
-CLIP_WARN_SHARE = 1e-3  # share of samples in flat runs at the peak that we report
-TARGET_RMS = 0.1  # -20 dBFS: every voice prompt at one level
-PEAK_LIMIT = 0.95  # never push a peak past this when raising the level
-
-# One-speaker hint: median pitch per phrase; phrases far apart suggest two voices.
-PITCH_MIN_HZ = 60.0
-PITCH_MAX_HZ = 400.0
-PHRASE_GAP_S = 0.3  # unvoiced this long separates phrases (a turn change has at least this)
-PHRASE_MIN_VOICED_S = 0.5
-PITCH_RATIO_WARN = 1.5  # e.g. 120 Hz vs 180 Hz; one speaker's phrases rarely differ this much
-
-WORD_LATE_TOLERANCE_S = 0.5  # a word may end this far past the audio (rounding), no further
 LOW_CONFIDENCE = 0.5  # mean whisper word probability below this is reported
 MAX_WORDS_PER_S = 6.0  # fast speech is about 4 words/s; more means the words do not fit the clip
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_SPEAKER_TAG_RE = re.compile(r"\[S(\d+)\]")
-_DASHES = ("-", "\u2013", "\u2014")  # hyphen, en and em dash
-
-
-class VoiceBuildError(Exception):
-    """The input cannot make a voice (unreadable, silent, too short, no words, bad timings…);
-    the message says what was wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class AudioLimits:
-    """Allowed speech length of one clip after trimming silence, in seconds."""
-
-    min_s: float
-    max_s: float
-
-
-S1_LIMITS = AudioLimits(3.0, 30.0)  # enough of the voice to clone, and room left for the turn
-S2_LIMITS = AudioLimits(0.5, 15.0)  # a short line of the other side
 
 
 def check_voice_name(name: str) -> str:
@@ -110,419 +82,10 @@ def check_voice_name(name: str) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------- audio
-
-
-@dataclass(frozen=True)
-class SourceAudio:
-    """An audio file as read: float32 samples [N, C] at its own rate."""
-
-    samples: np.ndarray
-    sample_rate: int
-    path: Path
-    format: str  # e.g. "WAV PCM_16"
-
-    @property
-    def channels(self) -> int:
-        return int(self.samples.shape[1])
-
-    @property
-    def duration_s(self) -> float:
-        return self.samples.shape[0] / self.sample_rate
-
-
-def read_source_audio(path: str | Path) -> SourceAudio:
-    """Read any format libsndfile knows (WAV, FLAC, OGG/Vorbis/Opus, MP3 with libsndfile >= 1.1)."""
-    import soundfile as sf
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise VoiceBuildError(f"audio file not found: {path}")
-    try:
-        info = sf.info(str(path))
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        formats = ", ".join(sorted(set(sf.available_formats()) & {"WAV", "FLAC", "OGG", "MP3", "AIFF"}))
-        raise VoiceBuildError(
-            f"{path}: cannot read audio ({exc}); use a file libsndfile reads here: {formats}"
-        ) from None
-    if data.shape[0] == 0:
-        raise VoiceBuildError(f"{path}: the audio file holds no samples")
-    return SourceAudio(data, int(rate), path, f"{info.format} {info.subtype}")
-
-
-@dataclass(frozen=True)
-class PreparedAudio:
-    """A clip after :func:`prepare_prompt_audio`: mono 24 kHz float32 [N], trimmed, level-normalised."""
-
-    pcm24k: np.ndarray
-    warnings: tuple[str, ...]
-    trim_start_s: float  # seconds cut from the start of the source (word timings shift by this)
-    source_duration_s: float
-    source_rate: int
-    source_channels: int
-
-    @property
-    def duration_s(self) -> float:
-        return self.pcm24k.size / SAMPLE_RATE
-
-
-def _as_float_frames(samples: np.ndarray) -> np.ndarray:
-    """Any [N] or [N, C] int or float array as float32 [N, C] in [-1, 1] full scale."""
-    x = np.asarray(samples)
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.ndim != 2:
-        raise VoiceBuildError(f"audio must be [N] or [N, channels], got shape {x.shape}")
-    if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
-    return x.astype(np.float32, copy=False)
-
-
-def clipped_share(frames: np.ndarray) -> float:
-    """Share of samples [N, C] that sit in flat runs (>= 3 samples) at the channel's peak.
-
-    A clean peak touches the top for one or two samples; a clipped one stays there, so flat
-    runs find clipping at any level (also audio clipped and then turned down)."""
-    worst = 0.0
-    for ch in frames.T:
-        mag = np.abs(ch)
-        peak = float(mag.max())
-        if peak == 0.0:
-            continue
-        at_top = np.concatenate(([False], mag >= peak - CLIP_TOLERANCE, [False]))
-        edges = np.flatnonzero(np.diff(at_top.astype(np.int8)))
-        lengths = edges[1::2] - edges[0::2]
-        worst = max(worst, float(lengths[lengths >= CLIP_MIN_RUN].sum()) / ch.size)
-    return worst
-
-
-def _window_rms(pcm: np.ndarray, window: int) -> np.ndarray:
-    """RMS of consecutive windows [F] (the tail shorter than a window is its own window)."""
-    pad = (-pcm.size) % window
-    padded = np.concatenate([pcm, np.zeros(pad, dtype=pcm.dtype)]) if pad else pcm
-    return np.sqrt(np.mean(np.square(padded.reshape(-1, window), dtype=np.float64), axis=1))
-
-
-def trim_silence(pcm24k: np.ndarray) -> tuple[int, int]:
-    """Sample range [start, end) of ``pcm24k`` [N] without leading/trailing silence (plus a margin)."""
-    window = int(TRIM_WINDOW_S * SAMPLE_RATE)
-    rms = _window_rms(pcm24k, window)
-    threshold = max(float(rms.max()) * 10 ** (TRIM_FLOOR_DB / 20), SILENCE_RMS)
-    loud = np.flatnonzero(rms >= threshold)
-    if loud.size == 0:
-        return 0, pcm24k.size
-    margin = int(TRIM_MARGIN_S * SAMPLE_RATE)
-    start = max(0, int(loud[0]) * window - margin)
-    end = min(pcm24k.size, (int(loud[-1]) + 1) * window + margin)
-    return start, end
-
-
-def phrase_pitches(pcm24k: np.ndarray) -> list[float]:
-    """Median pitch (Hz) of each phrase of ``pcm24k`` [N] with enough voiced speech.
-
-    Autocorrelation pitch per 40 ms window (20 ms hop); a window is voiced when it is loud
-    (within 20 dB of the loudest) and periodic. The smallest lag near the best peak is taken,
-    which avoids the usual octave-down error. Phrases are split at unvoiced gaps >= 0.3 s.
-    """
-    win, hop, nfft = 960, 480, 2048
-    if pcm24k.size < win:
-        return []
-    frames = np.lib.stride_tricks.sliding_window_view(pcm24k.astype(np.float64), win)[::hop]  # [F, win]
-    frames = frames - frames.mean(axis=1, keepdims=True)
-    rms = np.sqrt(np.mean(frames**2, axis=1))
-    spec = np.fft.rfft(frames * np.hanning(win), n=nfft)
-    ac = np.fft.irfft(np.abs(spec) ** 2, n=nfft)
-    ac = ac / np.maximum(ac[:, :1], 1e-12)
-    lo, hi = int(SAMPLE_RATE / PITCH_MAX_HZ), int(SAMPLE_RATE / PITCH_MIN_HZ)
-    seg = ac[:, lo - 1 : hi + 2]  # one lag each side so every lag in [lo, hi] can be a local max
-    inner = seg[:, 1:-1]
-    best = inner.max(axis=1)
-    peaks = (inner >= seg[:, :-2]) & (inner >= seg[:, 2:]) & (inner >= 0.9 * best[:, None])
-    lag = lo + peaks.argmax(axis=1)
-    voiced = (rms >= 0.1 * rms.max()) & (best >= 0.3) & peaks.any(axis=1)
-    f0 = SAMPLE_RATE / lag
-
-    gap_hops = int(PHRASE_GAP_S * SAMPLE_RATE / hop)
-    min_voiced = int(PHRASE_MIN_VOICED_S * SAMPLE_RATE / hop)
-    medians: list[float] = []
-    current: list[float] = []
-    unvoiced_run = 0
-    for is_voiced, hz in zip(voiced, f0):
-        if is_voiced:
-            current.append(float(hz))
-            unvoiced_run = 0
-            continue
-        unvoiced_run += 1
-        if unvoiced_run == gap_hops and current:
-            if len(current) >= min_voiced:
-                medians.append(float(np.median(current)))
-            current = []
-    if len(current) >= min_voiced:
-        medians.append(float(np.median(current)))
-    return medians
-
-
-def prepare_prompt_audio(
-    samples: np.ndarray, sample_rate: int, *, limits: AudioLimits = S1_LIMITS, what: str = "S1 prompt"
-) -> PreparedAudio:
-    """Mix to mono, resample to 24 kHz (soxr), check, trim silence and set the level.
-
-    ``samples`` is [N] or [N, C] (int or float) at ``sample_rate`` Hz. Raises
-    :class:`VoiceBuildError` for audio that cannot make a voice (silent, too short or long,
-    too low a rate); returns warnings for audio that can but may sound worse (clipped, maybe
-    more than one speaker).
-    """
-    import soxr
-
-    if sample_rate < MIN_SOURCE_RATE:
-        raise VoiceBuildError(f"{what}: sample rate {sample_rate} Hz is too low; use at least {MIN_SOURCE_RATE} Hz")
-    frames = _as_float_frames(samples)
-    found: list[str] = []
-    share = clipped_share(frames)  # before mixing: one clipped channel is still clipped
-    if share >= CLIP_WARN_SHARE:
-        found.append(
-            f"{what} is clipped ({share:.1%} of samples sit flat at the peak): the clone copies the "
-            "distortion; record again at a lower level if you can"
-        )
-    mono = frames.mean(axis=1)
-    source_s = mono.size / sample_rate
-    if mono.size == 0 or float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < SILENCE_RMS:
-        raise VoiceBuildError(f"{what} is silent ({source_s:.1f} s with no sound above {SILENCE_RMS:g} RMS)")
-    pcm = mono if sample_rate == SAMPLE_RATE else soxr.resample(mono, sample_rate, SAMPLE_RATE, "HQ")
-    pcm = np.asarray(pcm, dtype=np.float32)
-    start, end = trim_silence(pcm)
-    pcm = pcm[start:end]
-    seconds = pcm.size / SAMPLE_RATE
-    span = f"the {what} must be {limits.min_s:g}-{limits.max_s:g} s of one speaker"
-    if seconds < limits.min_s:
-        raise VoiceBuildError(
-            f"{what} is too short: {seconds:.1f} s of sound after trimming silence ({source_s:.1f} s in the "
-            f"file); {span}"
-        )
-    if seconds > limits.max_s:
-        raise VoiceBuildError(
-            f"{what} is too long: {seconds:.1f} s of sound after trimming silence; {span} (cut out the best "
-            f"{limits.max_s:g} s: a longer prompt takes model context from every turn)"
-        )
-    pitches = phrase_pitches(pcm)
-    if len(pitches) >= 2 and max(pitches) / min(pitches) >= PITCH_RATIO_WARN:
-        found.append(
-            f"{what} may hold more than one speaker: its phrases have median pitch from {min(pitches):.0f} to "
-            f"{max(pitches):.0f} Hz; the prompt should be the one voice to clone"
-        )
-    rms = float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64))))
-    peak = float(np.abs(pcm).max())
-    gain = min(TARGET_RMS / rms, PEAK_LIMIT / peak)
-    return PreparedAudio(
-        pcm24k=(pcm * gain).astype(np.float32),
-        warnings=tuple(found),
-        trim_start_s=start / SAMPLE_RATE,
-        source_duration_s=source_s,
-        source_rate=sample_rate,
-        source_channels=frames.shape[1],
-    )
-
-
-def check_prompt_audio(samples: np.ndarray, sample_rate: int) -> tuple[np.ndarray, list[str]]:
-    """An S1 prompt's samples ([N] or [N, C] at ``sample_rate`` Hz) → (24 kHz mono float32 [N]
-    normalised, warnings). Raises :class:`VoiceBuildError` with the reason when unusable."""
-    prepared = prepare_prompt_audio(samples, sample_rate)
-    return prepared.pcm24k, list(prepared.warnings)
-
-
-# ---------------------------------------------------------------------------- words
-
-
-def words_to_json(words: Sequence[WordTiming]) -> list[dict[str, Any]]:
-    """The ``words.json`` form, timings rounded to 1 ms."""
-    return [{"word": w.word, "start": round(w.start_s, 3), "end": round(w.end_s, 3)} for w in words]
-
-
-def read_words_file(path: str | Path) -> tuple[WordTiming, ...]:
-    """A JSON list of ``{"word", "start", "end"}`` (seconds), or ``{"words": [...]}``; checked."""
-    path = Path(path).expanduser()
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VoiceBuildError(f"word timings file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VoiceBuildError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(raw, dict) and "words" in raw:
-        raw = raw["words"]
-    if not isinstance(raw, list):
-        raise VoiceBuildError(f'{path}: expected a JSON list of {{"word", "start", "end"}} objects (seconds)')
-    words: list[WordTiming] = []
-    previous = 0.0
-    for i, item in enumerate(raw):
-        try:
-            word = WordTiming(str(item["word"]), float(item["start"]), float(item["end"]))
-        except (KeyError, TypeError, ValueError):
-            raise VoiceBuildError(f"{path}: item {i} must have 'word', 'start' and 'end' (seconds)") from None
-        where = f"{path}: item {i} ({word.word!r})"
-        if not word.word.strip():
-            raise VoiceBuildError(f"{where}: empty word")
-        if not (math.isfinite(word.start_s) and math.isfinite(word.end_s)) or word.start_s < 0:
-            raise VoiceBuildError(f"{where}: times must be finite and >= 0, got {word.start_s}..{word.end_s} s")
-        if word.start_s > word.end_s:
-            raise VoiceBuildError(f"{where}: starts after it ends ({word.start_s} > {word.end_s} s)")
-        if word.start_s < previous:
-            raise VoiceBuildError(f"{where}: starts at {word.start_s} s, before the previous word ({previous} s)")
-        previous = word.start_s
-        words.append(word)
-    return tuple(words)
-
-
-def shift_words(
-    words: Sequence[WordTiming], prepared: PreparedAudio, *, source: str
-) -> tuple[WordTiming, ...]:
-    """Timings of the source file → timings of the trimmed clip (clamped into it).
-
-    A word past the end of the source file means the timings are of another file or in
-    another unit (ms?), which is an error rather than something to clamp away."""
-    out: list[WordTiming] = []
-    for i, w in enumerate(words):
-        if w.end_s > prepared.source_duration_s + WORD_LATE_TOLERANCE_S:
-            raise VoiceBuildError(
-                f"{source}: word {i} ({w.word!r}) ends at {w.end_s:g} s but the audio is "
-                f"{prepared.source_duration_s:.2f} s long (timings are seconds from the start of the audio file)"
-            )
-        start = min(max(w.start_s - prepared.trim_start_s, 0.0), prepared.duration_s)
-        end = min(max(w.end_s - prepared.trim_start_s, start), prepared.duration_s)
-        out.append(WordTiming(w.word, start, end))
-    return tuple(out)
-
-
-def tidy_words(words: Sequence[WordTiming], *, what: str, hint: str) -> tuple[tuple[WordTiming, ...], list[str]]:
-    """Speaker tags and punctuation-only tokens out; a warning for marks of another speaker.
-
-    Whisper writes a speaker change as a leading ``-`` (after a sentence end) or ``>>``; a
-    transcript may carry ``[S2]``. None of them is speech, and each means the clip is not one
-    speaker. ``[S1]`` is dropped quietly: the snapshot builder tags the S1 clip itself.
-    Raises :class:`VoiceBuildError` when no word is left (``hint`` says where words come from).
-    """
-    marks: set[str] = set()
-    kept: list[WordTiming] = []
-    for w in words:
-        text = w.word.strip()
-        marks.update(f"[S{n}]" for n in _SPEAKER_TAG_RE.findall(text) if n != "1")
-        text = _SPEAKER_TAG_RE.sub("", text).strip()
-        if text.startswith(">>"):
-            marks.add(">>")
-            text = text.lstrip("> ")
-        elif text.startswith(_DASHES):
-            if kept and kept[-1].word.endswith((".", "?", "!")):
-                marks.add("-")
-            text = text.lstrip("".join(_DASHES) + " ")
-        if not any(c.isalnum() for c in text):
-            continue  # punctuation alone is not a spoken word
-        kept.append(WordTiming(text, w.start_s, w.end_s))
-    found: list[str] = []
-    if marks:
-        found.append(
-            f"the {what} transcript has speaker-change marks ({' '.join(sorted(marks))}): the clip may hold "
-            "more than one speaker"
-        )
-    if not kept:
-        raise VoiceBuildError(f"no words in the {what}: {hint}")
-    return tuple(kept), found
-
-
 # ---------------------------------------------------------------------------- whisper
 
 
-@dataclass(frozen=True)
-class Transcript:
-    """Words with timings (seconds from the clip start) and how sure whisper was of them."""
-
-    words: tuple[WordTiming, ...]
-    mean_probability: float | None
-    model: str
-
-
-def whisper_cache_dir() -> Path:
-    """Where ``whisper.load_model(name)`` looks for ``<name>.pt`` (and downloads it to)."""
-    base = os.getenv("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "whisper"
-
-
-def _import_whisper() -> Any:
-    try:
-        import whisper
-    except ImportError as exc:
-        missing = f" (missing module: {exc.name})" if exc.name and exc.name != "whisper" else ""
-        raise VoiceBuildError(
-            f"openai-whisper is not installed{missing}; install it with: {WHISPER_INSTALL}; "
-            "or give the word timings with --words words.json"
-        ) from None
-    return whisper
-
-
-def load_whisper(name_or_path: str) -> Any:
-    """A Whisper model on CPU, by name (cached or downloaded) or from a local checkpoint file.
-
-    CPU on purpose: a prompt is a few seconds, and the GPU belongs to Dia2."""
-    whisper = _import_whisper()
-    names = whisper.available_models()
-    if name_or_path in names:
-        cached = whisper_cache_dir() / f"{name_or_path}.pt"
-        try:
-            return whisper.load_model(name_or_path, device="cpu")
-        except (urllib.error.URLError, OSError, RuntimeError) as exc:
-            raise VoiceBuildError(
-                f"--whisper-model {name_or_path}: not in the cache (looked for {cached}) and it could not be "
-                f"downloaded ({type(exc).__name__}: {exc}); download it where the network allows, pass a local "
-                "checkpoint path with --whisper-model, or give the word timings with --words words.json"
-            ) from None
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise VoiceBuildError(
-            f"--whisper-model {name_or_path!r}: neither a Whisper model name ({', '.join(names)}) nor a "
-            f"checkpoint file (looked for {path}); or give the word timings with --words words.json"
-        )
-    try:
-        return whisper.load_model(str(path), device="cpu")
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
-        raise VoiceBuildError(
-            f"--whisper-model {path}: not a Whisper checkpoint ({type(exc).__name__}: {exc}); it must be a "
-            'torch file {"dims": ..., "model_state_dict": ...} as openai-whisper saves'
-        ) from None
-
-
-def transcribe_with(model: Any, pcm24k: np.ndarray, *, language: str | None, model_name: str) -> Transcript:
-    """Word timestamps of ``pcm24k`` (24 kHz mono float32 [N]) from a loaded Whisper model.
-
-    Greedy decoding (temperature 0, no fallback): a prompt is short, clean speech, and the
-    same clip then always gives the same words. Words from all segments are collected,
-    stripped, empty ones skipped, times made monotonic and clamped into the clip.
-    """
-    import soxr
-
-    audio16k = np.asarray(soxr.resample(pcm24k, SAMPLE_RATE, WHISPER_RATE, "HQ"), dtype=np.float32)
-    with warnings.catch_warnings():
-        # We run Whisper on CPU by choice even where CUDA exists (see load_whisper).
-        warnings.filterwarnings("ignore", message="Performing inference on CPU when CUDA is available")
-        result = model.transcribe(
-            audio16k, word_timestamps=True, fp16=False, language=language, temperature=0.0, verbose=None
-        )
-    duration_s = pcm24k.size / SAMPLE_RATE
-    words: list[WordTiming] = []
-    probs: list[float] = []
-    previous = 0.0
-    for segment in result.get("segments", []):
-        for item in segment.get("words") or []:
-            text = str(item.get("word", "")).strip()
-            if not text:
-                continue
-            start = min(max(float(item["start"]), previous), duration_s)
-            end = min(max(float(item["end"]), start), duration_s)
-            words.append(WordTiming(text, start, end))
-            previous = start
-            if "probability" in item:
-                probs.append(float(item["probability"]))
-    return Transcript(tuple(words), float(np.mean(probs)) if probs else None, model_name)
-
-
+# Kept here, not in voice_words: it looks ``load_whisper`` up in this module, where tests monkeypatch it.
 def transcribe(pcm24k: np.ndarray, whisper_model: str, *, language: str | None = DEFAULT_LANGUAGE) -> Transcript:
     """Load ``whisper_model`` (a name such as ``base.en`` or a checkpoint path) and transcribe."""
     return transcribe_with(load_whisper(whisper_model), pcm24k, language=language, model_name=whisper_model)
