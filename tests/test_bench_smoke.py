@@ -1,0 +1,68 @@
+"""The latency benchmarks run end to end in their --quick form and write the documented JSON.
+
+Only the shape of the report is checked, never a timing: a number that depends on the machine
+has no place in a test (style.md). Each bench runs as its own process, the way it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+RUN_TIMEOUT_S = 150  # --quick runs take well under a minute on 2 cores; this only bounds a hang
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(RUN_TIMEOUT_S + 30)]
+
+
+def run_bench(script: str, out: Path) -> dict[str, Any]:
+    """Run ``bench/<script> --quick --json out`` offline; return the JSON it wrote."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [PYTHON, f"bench/{script}", "--quick", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def has_keys(doc: dict[str, Any], keys: set[str], where: str) -> None:
+    missing = keys - doc.keys()
+    assert not missing, f"{where} lacks {sorted(missing)}"
+
+
+def test_latency_quick_writes_every_figure(tmp_path: Path) -> None:
+    report = run_bench("latency.py", tmp_path / "latency.json")
+    has_keys(report, {"device", "shape", "commit", "calls", "rounds", "naive_eager", "results", "samples"}, "report")
+    assert report["shape"] == "tiny" and report["calls"] == [1, 4, 16]
+    assert set(report["results"]) == {"restored", "naive"}
+    breakdown = {"ttfa_ms", "prepare_ms", "restore_ms", "restore_copy_ms", "steps_to_first_frame", "first_frame_ms",
+                 "steps_ms", "step_ms", "decode_ms", "handoff_ms", "resample_ms", "pacing_ms", "steady_step_ms"}
+    for path, by_calls in report["results"].items():
+        assert set(by_calls) == {"1", "4", "16"}, path
+        for calls, cell in by_calls.items():
+            has_keys(cell, breakdown, f"results[{path}][{calls}]")
+            has_keys(cell["ttfa_ms"], {"n", "p50", "p95", "p99", "mean", "max"}, f"{path} K={calls} ttfa_ms")
+            assert cell["ttfa_ms"]["n"] == int(calls) * report["rounds"]  # every turn of every timed round
+
+
+def test_calls_quick_finds_a_capacity(tmp_path: Path) -> None:
+    report = run_bench("calls.py", tmp_path / "calls.json")
+    has_keys(report, {"device", "shape", "commit", "max_realtime_calls", "stopped_by", "steps"}, "report")
+    assert report["shape"] == "tiny"
+    assert report["steps"] and report["steps"][0]["calls"] == 1
+    assert all(step["calls"] <= 4 for step in report["steps"])  # --quick stays CI-sized
+    for step in report["steps"]:
+        has_keys(step, {"calls", "realtime", "underruns", "gaps_ms_max", "ttfa_ms", "lost_or_reordered",
+                        "service_underruns"}, f"step {step.get('calls')}")
+        has_keys(step["ttfa_ms"], {"p50", "p95"}, f"step {step['calls']} ttfa_ms")
+    held = [s["calls"] for s in report["steps"] if s["realtime"]]
+    assert report["max_realtime_calls"] == max(held, default=0)
