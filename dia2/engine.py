@@ -14,6 +14,12 @@ A voice prompt of P frames occupies aligned frames 0…P-1. Its codes stay in th
 a write is skipped whenever it would land on a prompt frame (the "continuation zone" of
 the first M steps after the prompt), and frames < P are never emitted. That is what stops
 the model from re-speaking the prompt's last words.
+
+A step has a device half and a host half. The device half is one function over the
+engine's buffers (:class:`dia2.graphs.DeviceStep`: forward, CFG, sampling, all depformer
+stages, buffer writes), replayed as a CUDA graph on GPUs. The host half (text state machine,
+emission, context limit) reads one small tensor per step, computes each slot's next state on
+copies and commits only when the whole step succeeded.
 """
 
 from __future__ import annotations
@@ -25,8 +31,18 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .errors import StreamError
+from .graphs import (
+    DeviceStep,
+    EngineBuffers,
+    GraphMemory,
+    SlotInputs,
+    StepTensors,
+    bucket_for,
+    buckets_upto,
+    resolve_use_cuda_graphs,
+)
 from .model import Dia2Model, KVCache
-from .sampling import SLOT_ACTION, SLOT_CB0, GenerationConfig, cfg_filter, sample, stage_slot, stream_uniforms
+from .sampling import GenerationConfig
 from .state_machine import StateRules, TextState, needs_text, process
 
 UNGENERATED = -2  # buffer sentinel: never fed, never decoded
@@ -72,22 +88,6 @@ class SlotState:
     @property
     def finished(self) -> bool:
         return self.last_frame is not None and self.next_frame > self.last_frame
-
-
-@dataclass
-class EngineBuffers:
-    """Every preallocated device tensor of an engine."""
-
-    decoder: KVCache  # rows 2*slot (cond) and 2*slot+1 (uncond)
-    depformer: KVCache
-    audio: torch.Tensor  # [slots, K, columns] int64 delayed buffer
-    seeds: torch.Tensor  # [slots] int64
-    text_temp: torch.Tensor  # [slots] float32
-    text_top_k: torch.Tensor  # [slots] int64
-    audio_temp: torch.Tensor
-    audio_top_k: torch.Tensor
-    cfg_scale: torch.Tensor  # [slots] float32
-    cfg_k: torch.Tensor  # [slots] int64
 
 
 @dataclass
@@ -145,7 +145,31 @@ def _assign_text(dst: TextState, src: TextState) -> None:
 
 
 class StepEngine:
-    def __init__(self, model: Dia2Model, rules: StateRules, max_streams: int = 1) -> None:
+    """Steps up to ``max_streams`` streams together; owns every preallocated tensor.
+
+    The device half of a step is one function (:class:`DeviceStep`); how it runs:
+
+    - eager (CPU default): rows for slots 0…max(listed), attention over the filled cache slots;
+    - static (``static_shapes``): rows for the batch bucket of max(listed) + 1 slots (1, 2, 4, …,
+      32; buffers are sized for ``bucket_for(max_streams)`` slots) and attention over the whole
+      cache: the fixed shapes a CUDA graph replays, run eagerly;
+    - graphed (``use_cuda_graphs``, CUDA default): static, through captured graphs, all captured
+      at construction (:meth:`warm_up_graphs`) so the first caller pays nothing.
+
+    ``use_cuda_graphs``: None = on for a CUDA model unless ``DIA2_CUDA_GRAPHS=0`` or
+    :func:`dia2.graphs.no_cuda_graphs`. ``static_shapes``: None = same as graphs (it must be on
+    with graphs). The host copies one row per slot in and one [n, 1 + K] tensor out per step.
+    """
+
+    def __init__(
+        self,
+        model: Dia2Model,
+        rules: StateRules,
+        max_streams: int = 1,
+        *,
+        use_cuda_graphs: bool | None = None,
+        static_shapes: bool | None = None,
+    ) -> None:
         cfg = model.config
         self.model = model
         self.config = cfg
@@ -159,10 +183,17 @@ class StepEngine:
         self.bos = cfg.data.audio_bos_token_id
         self.pad = cfg.data.audio_pad_token_id
         self.logit_limit = cfg.audio_logit_limit
+        self.text_vocab = cfg.data.text_vocab_size
+        self.use_cuda_graphs = resolve_use_cuda_graphs(use_cuda_graphs, self.device)
+        if self.use_cuda_graphs and static_shapes is False:
+            raise ValueError("CUDA graphs replay fixed shapes: use static_shapes=None or True with use_cuda_graphs")
+        self.static_shapes = self.use_cuda_graphs if static_shapes is None else static_shapes
         dev = self.device
         self.delay_tensor = torch.tensor(self.delays, device=dev)
         columns = self.context + self.max_delay + 2
-        n = max_streams
+        # Static shapes: slots up to the next bucket exist on the device and are never listed.
+        n = bucket_for(max_streams) if self.static_shapes else max_streams
+        self.capacity = n
         self.buffers = EngineBuffers(
             decoder=model.allocate_decoder_cache(2 * n),
             depformer=model.allocate_depformer_cache(2 * n),
@@ -175,8 +206,14 @@ class StepEngine:
             cfg_scale=torch.ones(n, device=dev),
             cfg_k=torch.zeros(n, dtype=torch.long, device=dev),
         )
-        self.slots: list[SlotState | None] = [None] * n
+        self.slots: list[SlotState | None] = [None] * max_streams
         self.check_invariants = False  # tests turn this on: asserts nothing ungenerated is ever fed
+        # One graph memory pool for every bucket: graphs run one at a time and the engine reads
+        # a step's outputs before the next replay.
+        self._graph_memory = GraphMemory.new(dev) if self.use_cuda_graphs else None
+        self._device_steps: list[DeviceStep | None] = [None] * (n + 1)  # index: rows of slots
+        if self.use_cuda_graphs:
+            self.warm_up_graphs()
 
     # ------------------------------------------------------------------ slots
 
@@ -293,6 +330,35 @@ class StepEngine:
         b = self.buffers.decoder
         return KVCache(k=[k[2 * slot : 2 * slot + 2] for k in b.k], v=[v[2 * slot : 2 * slot + 2] for v in b.v])
 
+    # ------------------------------------------------------------------ device steps
+
+    def device_step(self, rows: int) -> DeviceStep:
+        """The device step that runs slots 0…rows-1 (static shapes: that bucket's), built once."""
+        n = bucket_for(rows) if self.static_shapes else rows
+        if not 1 <= n <= self.capacity:
+            raise StreamError(f"cannot step {rows} slots: the engine holds {self.capacity}")
+        step = self._device_steps[n]
+        if step is None:
+            step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs,
+                              memory=self._graph_memory)
+            self._device_steps[n] = step
+        return step
+
+    def warm_up_graphs(self) -> None:
+        """Capture every bucket's graphs (with and without the depformer) now, at start-up.
+
+        Runs on idle rows, so it changes nothing a stream reads; it must run before any stream
+        starts. A no-op without CUDA graphs. Graphs not captured here are captured by the first
+        step that needs them (correct, only slower for that caller).
+        """
+        if not self.use_cuda_graphs:
+            return
+        if any(s is not None for s in self.slots):
+            raise StreamError("warm_up_graphs must run before any stream starts (it uses every slot's rows)")
+        for n in buckets_upto(self.capacity):
+            self.device_step(n).warm_up()
+        torch.cuda.synchronize(self.device)
+
     # ------------------------------------------------------------------ stepping
 
     def step(self, slots: list[int], hold: Callable[[int], bool] | None = None) -> list[FrameOut]:
@@ -304,146 +370,121 @@ class StepEngine:
         same step again (for all or some of the slots) gives the same result, since the RNG is
         counter-based and the device writes (KV at each slot's position, buffer column t+1) are
         a function of the same inputs. ``hold`` must be pure: a retried step calls it again.
+
+        Host↔device traffic: one copy in (the staged rows) and one copy out (actions and the
+        codes of the frames to emit, the step's only sync). Records and ``check_invariants``
+        read more, for tests and traces only.
         """
         if not slots:
             return []
         states = [self._active(s) for s in slots]
-        n = max(slots) + 1  # run rows of slots 0…n-1; slots not listed are computed and ignored
-        rows = 2 * n
-        dev = self.device
-        d = self.config.data
-        b = self.buffers
         for s, st in zip(slots, states):
             if st.position >= self.context:
                 raise StreamError(f"slot {s} reached the context limit; it should have finished")
-
-        # Slots in range but not listed are computed and ignored. An active one keeps its own
-        # position so that its only write is the KV slot it will overwrite at its next step.
-        positions = torch.zeros(n, dtype=torch.long)
-        for i in range(n):
-            other = self.slots[i]
-            if other is not None:
-                positions[i] = min(other.position, self.context - 1)
-        text = torch.empty((n, 2), dtype=torch.long)
-        text[:, 0] = d.text_pad_token_id
-        text[:, 1] = d.text_pad_token_id
-        listed = torch.zeros(n, dtype=torch.bool)
-        prompt_frames = torch.zeros(n, dtype=torch.long)
-        for s, st in zip(slots, states):
-            positions[s] = st.position
-            text[s, 0], text[s, 1] = st.main, st.second
-            listed[s] = True
-            prompt_frames[s] = st.prompt_frames
-        max_pos = int(positions.max())
-        positions = positions.to(dev)
-        listed_dev = listed.to(dev)
-
-        # Inputs [2n, C, 1]: both rows read the same audio column; row 1 has the unconditional text.
-        audio_in = b.audio[:n].gather(2, positions[:, None, None].expand(n, self.num_codebooks, 1))[..., 0]
-        audio_in = torch.where(positions[:, None] < self.delay_tensor[None, :], self.bos, audio_in)
-        audio_in = torch.where(listed_dev[:, None], audio_in, self.bos)
+        device_step = self.device_step(max(slots) + 1)
+        # Which frame each slot emits is known before the step (see _emit_frame), so the device
+        # gathers its codes and the host reads them with the actions in one copy.
+        emits = [self._emit_frame(st) for st in states]
+        rows = self._input_rows(device_step, slots, states, emits)
+        device_step.stage(rows)
+        # The depformer only runs when some listed slot has a codebook>0 frame to write.
+        need_depformer = any(
+            st.position + 1 - min(self.delays[1:] or [0]) >= st.prompt_frames for st in states
+        )
+        attend = None if self.static_shapes else max(r.position for r in rows) + 1
+        out = device_step(depformer=need_depformer, attend_slots=attend)
+        edge = out.edge.cpu()  # the one device→host copy: [n, 1 + K] actions and emitted codes
+        actions_host: list[int] = edge[:, 0].tolist()
         if self.check_invariants:
-            bad = (audio_in[listed_dev] < 0) | (audio_in[listed_dev] > self.bos)
-            assert not bool(bad.any()), f"ungenerated or invalid audio fed at positions {positions.tolist()}"
-        tokens = torch.empty((rows, 2 + self.num_codebooks), dtype=torch.long, device=dev)
-        text_dev = text.to(dev)
-        tokens[0::2, :2] = text_dev
-        tokens[1::2, 0] = d.text_zero_token_id
-        tokens[1::2, 1] = d.text_pad_token_id
-        tokens[0::2, 2:] = audio_in
-        tokens[1::2, 2:] = audio_in
-        row_pos = positions.repeat_interleave(2)
-
-        with torch.inference_mode():
-            out = self.model.transformer(tokens[:, :, None], row_pos, b.decoder, slots=max_pos + 1)
-            cond_a, uncond_a = out.action_logits[0::2, 0], out.action_logits[1::2, 0]
-            guided = cfg_filter(cond_a, uncond_a, b.cfg_scale[:n], b.cfg_k[:n])
-            actions = sample(
-                guided, b.text_temp[:n], b.text_top_k[:n], stream_uniforms(b.seeds[:n], positions, SLOT_ACTION)
-            )
-            actions_host = actions.cpu().tolist()
-
-            # Which codebooks of column t+1 may be written: not a prompt frame, and the slot is listed.
-            frame_of_next = positions[:, None] + 1 - self.delay_tensor[None, :]  # [n, K]
-            writable = (frame_of_next >= prompt_frames.to(dev)[:, None]) & listed_dev[:, None]
-
-            cond_c, uncond_c = out.cb0_logits[0::2, 0], out.cb0_logits[1::2, 0]
-            guided = cfg_filter(cond_c, uncond_c, b.cfg_scale[:n], b.cfg_k[:n])
-            guided[:, self.logit_limit :] = float("-inf")  # never BOS/PAD as a code
-            cb0 = sample(guided, b.audio_temp[:n], b.audio_top_k[:n], stream_uniforms(b.seeds[:n], positions, SLOT_CB0))
-            next_col = (positions + 1)[:, None]
-            column = b.audio[:n].gather(2, next_col[:, None, :].expand(n, self.num_codebooks, 1))[..., 0]  # [n, K]
-            column[:, 0] = torch.where(writable[:, 0], cb0, column[:, 0])
-
-            # The depformer only runs when some listed slot has a codebook>0 frame to write.
-            need_depformer = any(
-                st.position + 1 - min(self.delays[1:] or [0]) >= st.prompt_frames for st in states
-            )
-            stage_logits_all: list[torch.Tensor] = []
-            if need_depformer:
-                hidden = out.hidden[:, 0]
-                # Each stage is teacher-forced from column t+1 as it now stands (the sampled
-                # code, or the prompt's own code in the continuation zone). Clamp: rows of
-                # unlisted slots may hold the ungenerated sentinel; their outputs are ignored.
-                prev = column[:, 0].clamp(min=0).repeat_interleave(2)
-                text_next: tuple[torch.Tensor, torch.Tensor] | None = None
-                for stage in range(self.config.num_stages):
-                    if stage == 0 and self.model.depformer.text_embed is not None:
-                        text_next = self._text_after_step(slots, states, actions_host, n)
-                    logits = self.model.depformer.stage(stage, hidden, prev, b.depformer, text=text_next)
-                    guided = cfg_filter(logits[0::2], logits[1::2], b.cfg_scale[:n], b.cfg_k[:n])
-                    tok = sample(
-                        guided, b.audio_temp[:n], b.audio_top_k[:n],
-                        stream_uniforms(b.seeds[:n], positions, stage_slot(stage)),
-                    )
-                    c = stage + 1
-                    column[:, c] = torch.where(writable[:, c], tok, column[:, c])
-                    prev = column[:, c].clamp(min=0).repeat_interleave(2)
-                    if any(st.record is not None for st in states):
-                        stage_logits_all.append(logits)
-            b.audio[:n].scatter_(2, next_col[:, None, :].expand(n, self.num_codebooks, 1), column[:, :, None])
+            self._check_fed(out, slots)
 
         # Host side, staged: each slot's next host state is computed on copies, the step's last
-        # device reads (records, emitted codes) are done, and only then is everything committed
-        # with plain assignments that cannot raise. So a step that raises anywhere leaves every
-        # slot's host state as it was, and the same step can be run again (alone, by the runner).
+        # device reads (records) are done, and only then is everything committed with plain
+        # assignments that cannot raise. So a step that raises anywhere leaves every slot's host
+        # state as it was, and the same step can be run again (alone, by the runner).
         plans = [self._plan_host(s, st, actions_host[s], hold) for s, st in zip(slots, states)]
-        records: list[StepRecord | None] = []
-        for s, st in zip(slots, states):
-            if st.record is None:
-                records.append(None)
-                continue
-            records.append(
-                StepRecord(
-                    step=st.position,
-                    tokens=tokens[2 * s : 2 * s + 2].cpu(),
-                    action_logits=out.action_logits[2 * s : 2 * s + 2, 0].cpu(),
-                    cb0_logits=out.cb0_logits[2 * s : 2 * s + 2, 0].cpu(),
-                    stage_logits=(
-                        torch.stack([lg[2 * s : 2 * s + 2] for lg in stage_logits_all], dim=1).cpu()
-                        if stage_logits_all
-                        else None
-                    ),
-                    action=actions_host[s],
-                )
-            )
+        for s, plan, emit in zip(slots, plans, emits):
+            assert plan.emit_frame == emit, f"slot {s}: emits frame {plan.emit_frame}, the device gathered {emit}"
+        records = [self._record(s, st, out, actions_host[s]) if st.record is not None else None
+                   for s, st in zip(slots, states)]
         frames: list[FrameOut] = []
-        emit = [(s, plan) for s, plan in zip(slots, plans) if plan.emit_frame is not None]
-        if emit:
-            idx_slot = torch.tensor([s for s, _ in emit], device=dev)
-            idx_col = torch.tensor([plan.emit_frame for _, plan in emit], device=dev)[:, None] + self.delay_tensor[None, :]
-            codes = b.audio[idx_slot[:, None], torch.arange(self.num_codebooks, device=dev)[None, :], idx_col]
-            codes = codes.cpu()
-            for i, (s, plan) in enumerate(emit):
-                assert plan.emit_frame is not None
+        for s, plan in zip(slots, plans):
+            if plan.emit_frame is not None:
                 words = [w for w, step in plan.text.transcript if step + 1 == plan.emit_frame]
-                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=codes[i], words=words))
+                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=edge[s, 1:].clone(), words=words))
         # Commit: nothing below raises.
         for st, plan, record in zip(states, plans, records):
             plan.commit(st)
             if record is not None and st.record is not None:
                 st.record.append(record)
         return frames
+
+    def _emit_frame(self, st: SlotState) -> int | None:
+        """The aligned frame a slot emits at its next step, from its state before the step.
+
+        The step's action cannot change it: an end found at step t sets last_frame to
+        t + max_padding, past any frame complete by then (t + 1 - max_delay).
+        """
+        last = st.last_frame
+        if last is None and st.text.end_step is not None:
+            last = st.text.end_step + self.rules.max_padding
+        complete = st.position + 1 - self.max_delay  # newest complete aligned frame after the step
+        if complete >= st.next_frame and (last is None or st.next_frame <= last):
+            return st.next_frame
+        return None
+
+    def _input_rows(
+        self, device_step: DeviceStep, slots: list[int], states: list[SlotState], emits: list[int | None]
+    ) -> list[SlotInputs]:
+        """One row per slot 0…n-1. Slots in range but not listed are computed and ignored; an
+        active one keeps its own position so that its only write is the KV slot it will
+        overwrite at its next step."""
+        rows: list[SlotInputs] = []
+        for i in range(device_step.n):
+            other = self.slots[i] if i < self.max_streams else None
+            rows.append(device_step.idle_row(min(other.position, self.context - 1) if other is not None else 0))
+        embeds_text = self.model.depformer.text_embed is not None
+        for s, st, emit in zip(slots, states, emits):
+            pad_next, word_next = self._next_text_choices(st) if embeds_text else (rows[s].next_if_pad,) * 2
+            rows[s] = SlotInputs(
+                position=st.position, prompt_frames=st.prompt_frames, listed=True, main=st.main,
+                second=st.second, emit_frame=emit, next_if_pad=pad_next, next_if_word=word_next,
+            )
+            # An id outside the table would be a device-side assert on CUDA (the context is lost
+            # for every stream); here it fails this slot's step alone.
+            for token in (st.main, st.second, *pad_next, *word_next):
+                if not 0 <= token < self.text_vocab:
+                    raise IndexError(f"slot {s} would feed text id {token}, outside the text vocabulary "
+                                     f"0…{self.text_vocab - 1}")
+        return rows
+
+    def _next_text_choices(self, st: SlotState) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Text of column t+1 if the action is pad, and if it starts a word (for checkpoints whose
+        depformer embeds text; the device picks one after sampling). Computed on copies."""
+        if st.last_frame is not None:
+            pad = self.config.data.text_pad_token_id
+            return (pad, pad), (pad, pad)
+        return (
+            process(self.rules, st.text.copy(), st.position, 0),
+            process(self.rules, st.text.copy(), st.position, 1),
+        )
+
+    def _check_fed(self, out: StepTensors, slots: list[int]) -> None:
+        """Debug check (a host sync): no listed slot was fed an ungenerated or invalid audio code."""
+        audio = out.tokens[0::2, 2:][slots]
+        bad = (audio < 0) | (audio > self.bos)
+        assert not bool(bad.any()), f"ungenerated or invalid audio fed to slots {slots}: {audio.tolist()}"
+
+    def _record(self, s: int, st: SlotState, out: StepTensors, action: int) -> StepRecord:
+        rows = slice(2 * s, 2 * s + 2)
+        return StepRecord(
+            step=st.position,
+            tokens=out.tokens[rows].cpu(),
+            action_logits=out.action_logits[rows].cpu(),
+            cb0_logits=out.cb0_logits[rows].cpu(),
+            stage_logits=out.stage_logits[rows].cpu() if out.stage_logits is not None else None,
+            action=action,
+        )
 
     def _plan_host(
         self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None
@@ -478,20 +519,6 @@ class StepEngine:
             text=text, main=main, second=second, position=position, next_frame=next_frame,
             last_frame=last_frame, truncated=truncated, emit_frame=emit_frame,
         )
-
-    def _text_after_step(
-        self, slots: list[int], states: list[SlotState], actions: list[int], n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text of column t+1 (for checkpoints whose depformer embeds text), computed on copies."""
-        d = self.config.data
-        main = torch.full((2 * n,), d.text_pad_token_id, dtype=torch.long)
-        second = torch.full((2 * n,), d.text_pad_token_id, dtype=torch.long)
-        main[1::2] = d.text_zero_token_id
-        for s, st in zip(slots, states):
-            if st.last_frame is None:
-                m, sc = process(self.rules, st.text.copy(), st.position, actions[s])
-                main[2 * s], second[2 * s] = m, sc
-        return main.to(self.device), second.to(self.device)
 
     def _active(self, slot: int) -> SlotState:
         st = self.slots[slot] if 0 <= slot < self.max_streams else None

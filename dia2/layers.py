@@ -82,10 +82,8 @@ def attend(
     q [B, Hq, T, D]; caches [B, Hkv, S, D]; mask [B, 1, T, S] bool (True = attend).
     Returns [B, T, Hq*D].
     """
-    groups = q.shape[1] // k_cache.shape[1]
-    if groups > 1:
-        # Query head h uses kv head h // groups.
-        k_cache = k_cache.repeat_interleave(groups, dim=1)
-        v_cache = v_cache.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=1.0)
+    # GQA without copying the cache: query head h reads kv head h // (Hq / Hkv).
+    out = F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k_cache.shape[1]
+    )
     return out.transpose(1, 2).flatten(2)

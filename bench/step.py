@@ -1,0 +1,275 @@
+"""Step time p50/p99 by batch size (streams stepped together), eager against CUDA-graphed.
+
+For random checkpoints of the tiny, Dia2-1B and Dia2-2B shapes (same compute per step as the
+released weights), it starts B streams (1, 2, 4, … 32) in one engine and times single batched
+steps: one step advances every stream by one 80 ms frame, so real time for all B streams
+needs a step under 80 ms. Each figure is over the timed steps after dropped warm-up steps;
+the device is synchronised before every clock read. The eager baseline is always measured in
+the same run; on CPU there are no graphs and that column is n/a.
+
+Eager steps attend over the filled cache slots only, so they get slower as a turn goes on;
+graphed steps attend over the whole cache (fixed shape) at every position. The timed window
+(positions warm-up … warm-up + steps) is in the report.
+
+    python bench/step.py [--quick] [--shapes tiny,1b,2b] [--batches 1,2,4] [--device cuda|cpu]
+                         [--steps N] [--warmup N] [--json PATH] [--plot PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dia2.checkpoint import load_model, pick_device_and_dtype, resolve_checkpoint
+from dia2.engine import StepEngine
+from dia2.graphs import bucket_for
+from dia2.model import Dia2Model
+from dia2.random_checkpoint import SHAPES, write_random_checkpoint
+from dia2.sampling import GenerationConfig
+from dia2.state_machine import StateRules, new_text_state
+from dia2.text import TextTokenizer, parse_script
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "out" / "bench-models"
+_DONE_MARK = ".complete"  # written last, so a half-written folder is rebuilt (as bench/stream.py)
+BATCHES = (1, 2, 4, 8, 16, 32)
+FRAME_MS = 80.0
+# Long enough that no stream runs dry in the timed window; an open text holds if it does.
+SCRIPT = "[S1] " + " ".join(["Thanks for calling, how can I help you with your order today?"] * 8)
+
+
+@dataclass
+class StepFigures:
+    shape: str
+    mode: str  # "eager" or "graphed"
+    batch: int  # streams stepped together
+    rows: int  # slots the device step computes (the bucket when graphed)
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    steps: int  # timed steps (after the dropped warm-up ones)
+
+
+def model_folder(shape: str) -> Path:
+    """The random checkpoint of ``shape``, written once under out/bench-models/<shape>."""
+    folder = MODELS / shape
+    if not (folder / _DONE_MARK).exists():
+        print(f"writing a random {shape} checkpoint to {folder} (once)", flush=True)
+        write_random_checkpoint(folder, shape, seed=0)  # type: ignore[arg-type]
+        (folder / _DONE_MARK).write_text("ok\n")
+    return folder
+
+
+def make_clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter`` after the device has finished its queued work."""
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def load(shape: str, device: str) -> tuple[Dia2Model, StateRules, TextTokenizer]:
+    """The model and the text front end only (the step needs no Mimi)."""
+    files = resolve_checkpoint(model_folder(shape))
+    dev, dtype = pick_device_and_dtype(device, None)
+    model = load_model(files, device=dev, dtype=dtype)
+    tokenizer = TextTokenizer.from_pretrained(files.tokenizer)
+    rules = StateRules.from_config(model.config.data, tokenizer.token_ids(model.config.data))
+    return model, rules, tokenizer
+
+
+def time_batch(engine: StepEngine, tokenizer: TextTokenizer, batch: int, warmup: int, steps: int,
+               now: Callable[[], float]) -> list[float]:
+    """Step ``batch`` fresh streams ``warmup + steps`` times; the timed steps' ms."""
+    entries = parse_script(tokenizer, SCRIPT)
+    slots = list(range(batch))
+    for slot in slots:
+        text = new_text_state(engine.rules, entries, closed=False)  # open: holds, never ends
+        engine.start_fresh(slot, GenerationConfig(seed=slot), text, tokenizer.bos_id)
+    times: list[float] = []
+    try:
+        for i in range(warmup + steps):
+            start = now()
+            engine.step(slots)
+            end = now()
+            if i >= warmup:
+                times.append((end - start) * 1e3)
+    finally:
+        for slot in slots:
+            engine.release(slot)
+    return times
+
+
+def bench_shape(shape: str, device: str, batches: list[int], warmup: int, steps: int) -> tuple[
+    list[StepFigures], dict[str, Any]
+]:
+    model, rules, tokenizer = load(shape, device)
+    if warmup + steps >= model.config.runtime.max_context_steps:
+        raise SystemExit(f"--warmup + --steps must stay under the {shape} context "
+                         f"({model.config.runtime.max_context_steps} steps)")
+    now = make_clock(model.device)
+    modes = ["eager", "graphed"] if model.device.type == "cuda" else ["eager"]
+    figures: list[StepFigures] = []
+    info: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch.")}
+    for mode in modes:
+        t0 = now()
+        # Graphed: every bucket's graphs are captured here, at construction.
+        engine = StepEngine(model, rules, max_streams=max(batches), use_cuda_graphs=mode == "graphed")
+        if mode == "graphed":
+            info["capture_s"] = now() - t0
+        for batch in batches:
+            times = time_batch(engine, tokenizer, batch, warmup, steps, now)
+            rows = bucket_for(batch) if engine.static_shapes else batch
+            figures.append(StepFigures(
+                shape=shape, mode=mode, batch=batch, rows=rows, p50_ms=float(np.percentile(times, 50)),
+                p99_ms=float(np.percentile(times, 99)), mean_ms=float(np.mean(times)), steps=len(times),
+            ))
+            f = figures[-1]
+            print(f"  {shape} {mode:<7} batch {batch:>2}: p50 {f.p50_ms:8.2f} ms  p99 {f.p99_ms:8.2f} ms", flush=True)
+        del engine
+        gc.collect()  # a device step and its graph wrappers refer to each other
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return figures, info
+
+
+def table(figures: list[StepFigures], shapes: list[str], batches: list[int]) -> str:
+    """p50/p99 per shape and batch, eager next to graphed, with the speed-up and real-time factor."""
+
+    def ms(f: StepFigures | None) -> str:
+        return f"{f.p50_ms:9.2f} {f.p99_ms:9.2f}" if f is not None else f"{'n/a':>9} {'n/a':>9}"
+
+    def realtime(f: StepFigures | None) -> str:
+        return f"{FRAME_MS / f.p50_ms:7.1f}x" if f is not None else f"{'n/a':>8}"
+
+    lines = [f"{'shape':<6} {'batch':>5}  {'eager p50':>9} {'p99':>9}  {'graph p50':>9} {'p99':>9}  "
+             f"{'speedup':>7}  {'RT eager':>8} {'RT graph':>8}"]
+    for shape in shapes:
+        for batch in batches:
+            found = {f.mode: f for f in figures if f.shape == shape and f.batch == batch}
+            eager, graphed = found.get("eager"), found.get("graphed")
+            speedup = f"{eager.p50_ms / graphed.p50_ms:6.2f}x" if eager and graphed else f"{'n/a':>7}"
+            lines.append(f"{shape:<6} {batch:>5}  {ms(eager)}  {ms(graphed)}  {speedup:>7}  "
+                         f"{realtime(eager)} {realtime(graphed)}")
+    return "\n".join(lines)
+
+
+def plot(figures: list[StepFigures], shapes: list[str], path: Path) -> str:
+    """A PNG of p50 step time against batch size, one panel per shape (p99 dashed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (it is not a dependency; pip install it for the PNG)"
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for mode, color in (("eager", "tab:blue"), ("graphed", "tab:orange")):
+            rows = sorted((f for f in figures if f.shape == shape and f.mode == mode), key=lambda f: f.batch)
+            if not rows:
+                continue
+            xs = [f.batch for f in rows]
+            ax.plot(xs, [f.p50_ms for f in rows], "o-", color=color, label=f"{mode} p50")
+            ax.plot(xs, [f.p99_ms for f in rows], "--", color=color, alpha=0.6, label=f"{mode} p99")
+        ax.axhline(FRAME_MS, color="gray", linewidth=0.8, label="80 ms (real time)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("streams per step")
+        ax.set_ylabel("step time (ms)")
+        ax.set_title(shape)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI size: tiny only, batches 1,2,4, 3 + 10 steps")
+    parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: all)")
+    parser.add_argument("--batches", default=None, help="comma list of streams per step (default 1,2,4,8,16,32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=None, help="dropped steps per batch (default 10; quick 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per batch (default 100; quick 10)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG path (default: the --json path with .png, else out/bench-step.png)")
+    args = parser.parse_args(argv)
+
+    shapes = (args.shapes or ("tiny" if args.quick else ",".join(SHAPES))).split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            parser.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    batches = sorted({int(b) for b in (args.batches or ("1,2,4" if args.quick else ",".join(map(str, BATCHES)))).split(",")})
+    if batches[0] < 1:
+        parser.error("batch sizes must be >= 1")
+    warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
+    steps = args.steps if args.steps is not None else (10 if args.quick else 100)
+    if steps < 1:
+        parser.error("--steps must be >= 1")
+
+    device = torch.device(args.device)
+    device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    print(f"step time on {device_name}, {torch.get_num_threads()} CPU threads; {warmup} warm-up steps dropped, "
+          f"{steps} timed per batch", flush=True)
+    figures: list[StepFigures] = []
+    per_shape: dict[str, Any] = {}
+    for shape in shapes:
+        got, info = bench_shape(shape, args.device, batches, warmup, steps)
+        figures.extend(got)
+        per_shape[shape] = info
+
+    print()
+    print(table(figures, shapes, batches))
+    print(f"p50/p99 in ms per batched step (every stream advances one {FRAME_MS:.0f} ms frame); RT (real-time factor) = "
+          f"{FRAME_MS:.0f} ms / p50, above 1x keeps up; positions {warmup}…{warmup + steps - 1}"
+          + ("; CPU: no CUDA graphs, graphed = n/a" if device.type != "cuda" else ""))
+
+    report: dict[str, Any] = {
+        "device": device_name,
+        "shape": ",".join(shapes),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "batches": batches,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "positions": [warmup, warmup + steps - 1],
+        "shapes": per_shape,
+        "results": [asdict(f) for f in figures],
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    print(plot(figures, shapes, args.plot or (args.json.with_suffix(".png") if args.json else ROOT / "out" / "bench-step.png")))
+    return report
+
+
+if __name__ == "__main__":
+    main()

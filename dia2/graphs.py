@@ -1,0 +1,450 @@
+"""CUDA graphs for the step engine: one small wrapper, one process-wide switch, and the device
+half of a batched step written as ONE function over static buffers.
+
+Why: a Dia2 step is ~30 decoder layers plus 31 depformer stages of tiny kernels; launched
+one by one from Python the GPU mostly waits for the host. Replaying a captured graph
+launches the whole step at once (dia2-format.md §9).
+
+- :class:`CUDAGraphed` runs a function through one CUDA graph: warm-up calls and capture on
+  the first call, then copy the new inputs into the captured tensors and replay. Unlike
+  upstream (§9.2) the capturing call replays right away, so its results are real.
+- :func:`no_cuda_graphs` and the ``DIA2_CUDA_GRAPHS=0`` env var turn every graph off (moshi
+  ``utils/compile.py``); CPU never uses graphs.
+- :class:`DeviceStep` is the device part of a step for a fixed bucket of n slots (1, 2, 4, …,
+  32): transformer over the whole cache (fixed shape), action and cb0 CFG + sampling, the 31
+  depformer stages, the masked writes into the audio buffer and the gather of the frames to
+  emit. No ``.item()``, ``.cpu()``, ``.tolist()`` or Python ``if`` on a tensor value inside:
+  the host reads one small tensor per step, after the step (:attr:`StepTensors.edge`).
+
+Shapes: n slots, 2n rows (cond, uncond interleaved), K codebooks, C = 2 + K channels,
+S = K - 1 depformer stages, Vx/Va/V' action/cb0/stage vocabularies, Tmax cache slots.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import torch
+
+from .model import Dia2Model, KVCache
+from .sampling import SLOT_ACTION, SLOT_CB0, cfg_filter, sample, stage_slot, stream_uniforms
+
+ENV_VAR = "DIA2_CUDA_GRAPHS"
+_OFF_VALUES = ("0", "false", "no", "off")
+_switched_off = 0  # depth of open no_cuda_graphs() blocks: the one process-wide switch
+
+# The sampled action that starts a word (state_machine.process: 1 = new word, else pad).
+ACTION_NEW_WORD = 1
+
+BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------- switch
+
+
+def env_allows_cuda_graphs() -> bool:
+    """False when ``DIA2_CUDA_GRAPHS`` is 0/false/no/off. Read when an engine is built, not per step."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF_VALUES
+
+
+def cuda_graphs_enabled() -> bool:
+    """The process-wide switch: on unless the env var says off or a :func:`no_cuda_graphs` block is open."""
+    return _switched_off == 0 and env_allows_cuda_graphs()
+
+
+@contextmanager
+def no_cuda_graphs() -> Iterator[None]:
+    """Run every :class:`CUDAGraphed` eagerly inside the block (already captured graphs are kept)."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
+def resolve_use_cuda_graphs(requested: bool | None, device: torch.device) -> bool:
+    """An engine's ``use_cuda_graphs`` option: None = on for CUDA devices unless switched off.
+
+    True on a non-CUDA device is a mistake and says so; the switch (env var, context) wins
+    over an explicit True, so one variable turns graphs off in a whole deployment.
+    """
+    if requested and device.type != "cuda":
+        raise ValueError(
+            f"use_cuda_graphs=True needs a CUDA device, the model is on {device}; "
+            "pass use_cuda_graphs=None (auto) or False"
+        )
+    if requested is False or device.type != "cuda":
+        return False
+    return cuda_graphs_enabled()
+
+
+def bucket_for(slots: int) -> int:
+    """The batch bucket that holds ``slots`` slots: the next power of two (1, 2, 4, …, 32, 64, …)."""
+    if slots < 1:
+        raise ValueError(f"a bucket holds at least one slot, got {slots}")
+    return 1 << (slots - 1).bit_length()
+
+
+def buckets_upto(capacity: int) -> tuple[int, ...]:
+    """Every bucket an engine of ``capacity`` slots uses (capacity is itself a bucket)."""
+    return tuple(1 << i for i in range(bucket_for(capacity).bit_length()))
+
+
+# ---------------------------------------------------------------------- wrapper
+
+
+class GraphShapeError(ValueError):
+    """A :class:`CUDAGraphed` was called with inputs unlike the ones it was built for."""
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device}"
+
+
+@dataclass(frozen=True)
+class GraphMemory:
+    """A graph memory pool and the one side stream that every capture into it uses (PyTorch
+    shares a pool's memory across captures only when they run on the same stream). Share one
+    between graphs that never run concurrently and whose outputs are read before the next replay."""
+
+    pool: Any  # torch.cuda.graph_pool_handle()
+    stream: torch.cuda.Stream
+
+    @classmethod
+    def new(cls, device: torch.device) -> GraphMemory:
+        with torch.cuda.device(device):
+            return cls(pool=torch.cuda.graph_pool_handle(), stream=torch.cuda.Stream(device))
+
+
+class CUDAGraphed(Generic[T]):
+    """Run ``fn(*tensors)`` through one CUDA graph (moshi ``CUDAGraphed``).
+
+    First call: ``warmup_calls`` eager runs on a side stream (lazy inits, cuBLAS workspaces,
+    allocator), capture, then replay, so the first call's results are real (capture alone
+    runs nothing). Later calls copy the inputs into the captured tensors and replay. The
+    outputs are the captured tensors themselves: valid until the next replay of any graph
+    sharing the pool; clone what must live longer.
+
+    Contract: ``fn`` takes tensors, keeps no Python state that changes between calls, does
+    no host sync, and is idempotent for one input (the first call runs it 1 + warmup_calls
+    times on the same inputs). Input shapes, dtypes and devices are fixed at the first call,
+    with or without graphs, so misuse fails the same way on CPU and GPU.
+
+    Eager (fn called directly) when ``disable``, on CPU, or while the switch is off.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., T],
+        *,
+        name: str = "graph",
+        warmup_calls: int = 1,
+        disable: bool = False,
+        memory: GraphMemory | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.warmup_calls = warmup_calls
+        self.disable = disable
+        self.memory = memory  # None: a pool and stream of its own, made at capture
+        self._signature: list[tuple[torch.Size, torch.dtype, torch.device]] | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_inputs: list[torch.Tensor] = []
+        self._static_output: T | None = None
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> T:
+        self._check(inputs)
+        if self.disable or not cuda_graphs_enabled() or inputs[0].device.type != "cuda":
+            return self.fn(*inputs)
+        if self._graph is None:
+            return self._capture(inputs)
+        for static, x in zip(self._static_inputs, inputs):
+            if x is not static:
+                static.copy_(x, non_blocking=True)
+        self._graph.replay()
+        return self._static_output  # type: ignore[return-value]
+
+    def _check(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        got = [(x.shape, x.dtype, x.device) for x in inputs]
+        if self._signature is None:
+            if not inputs:
+                raise GraphShapeError(f"{self.name}: call it with at least one tensor")
+            self._signature = got
+            return
+        if len(got) != len(self._signature):
+            raise GraphShapeError(
+                f"{self.name}: called with {len(got)} tensors, built for {len(self._signature)}; pass the same inputs"
+            )
+        for i, (x, want) in enumerate(zip(inputs, self._signature)):
+            if (x.shape, x.dtype, x.device) != want:
+                expected = f"{list(want[0])} {str(want[1]).removeprefix('torch.')} on {want[2]}"
+                raise GraphShapeError(
+                    f"{self.name}: input {i} is {_describe(x)} but the graph is fixed to {expected}. "
+                    "Pad the input to that shape, or build one CUDAGraphed per shape "
+                    "(e.g. one per batch bucket, see bucket_for)."
+                )
+
+    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> T:
+        device = inputs[0].device
+        with torch.inference_mode(False):  # plain tensors: copy_ into them works in and out of inference mode
+            self._static_inputs = [x.clone() for x in inputs]
+        memory = self.memory or GraphMemory.new(device)
+        side = memory.stream
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # warm up on the capture stream (cuBLAS workspace, allocator)
+                for _ in range(self.warmup_calls):
+                    self.fn(*self._static_inputs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=memory.pool, stream=side):
+                self._static_output = self.fn(*self._static_inputs)
+            current.wait_stream(side)
+            graph.replay()  # the capture recorded the work without running it (dia2-format.md §9.2)
+        self._graph = graph
+        return self._static_output
+
+
+# ---------------------------------------------------------------------- the device step
+
+
+@dataclass
+class EngineBuffers:
+    """Every preallocated device tensor of an engine; captured graphs hold their addresses,
+    so they are filled in place (copy_, fill_), never replaced."""
+
+    decoder: KVCache  # rows 2*slot (cond) and 2*slot+1 (uncond)
+    depformer: KVCache
+    audio: torch.Tensor  # [slots, K, columns] int64 delayed buffer
+    seeds: torch.Tensor  # [slots] int64
+    text_temp: torch.Tensor  # [slots] float32
+    text_top_k: torch.Tensor  # [slots] int64
+    audio_temp: torch.Tensor
+    audio_top_k: torch.Tensor
+    cfg_scale: torch.Tensor  # [slots] float32
+    cfg_k: torch.Tensor  # [slots] int64
+
+
+class In(enum.IntEnum):
+    """Columns of the step's input tensor [n, len(In)] int64, one row per slot."""
+
+    POSITION = 0  # step index = RoPE position = KV slot
+    PROMPT_FRAMES = 1  # aligned frames < this belong to the voice prompt (never overwritten)
+    LISTED = 2  # 1: the slot steps; 0: computed and ignored (nothing written to its audio)
+    MAIN = 3  # text ids fed on the conditional row
+    SECOND = 4
+    EMIT_FRAME = 5  # aligned frame whose codes the host wants after this step; -1: none
+    PAD_MAIN = 6  # text of column t+1 if the action is pad (depformer text embedding only)
+    PAD_SECOND = 7
+    WORD_MAIN = 8  # … if the action starts a word
+    WORD_SECOND = 9
+
+
+@dataclass(frozen=True)
+class SlotInputs:
+    """One slot's row of the step inputs (host side). The defaults describe an idle row."""
+
+    position: int = 0
+    prompt_frames: int = 0
+    listed: bool = False
+    main: int = 0
+    second: int = 0
+    emit_frame: int | None = None
+    next_if_pad: tuple[int, int] = (0, 0)
+    next_if_word: tuple[int, int] = (0, 0)
+
+    def row(self) -> list[int]:
+        emit = -1 if self.emit_frame is None else self.emit_frame
+        return [self.position, self.prompt_frames, int(self.listed), self.main, self.second, emit,
+                *self.next_if_pad, *self.next_if_word]
+
+
+class StepTensors(NamedTuple):
+    """What a device step produced. With graphs these are the captured tensors: read them
+    (or clone) before the next step."""
+
+    edge: torch.Tensor  # [n, 1 + K] int64: the action, then the codes of the frame to emit
+    tokens: torch.Tensor  # [2n, C] int64 fed at this step
+    column: torch.Tensor  # [n, K] int64 column t+1 as written
+    action_logits: torch.Tensor  # [2n, Vx] float32
+    cb0_logits: torch.Tensor  # [2n, Va] float32
+    stage_logits: torch.Tensor | None  # [2n, S, V'] float32; None when the depformer was skipped
+
+
+def _interleave(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """[n, …] and [n, …] → [2n, …]: cond at even rows, uncond at odd rows (the engine's row layout)."""
+    return torch.stack([cond, uncond], dim=1).flatten(0, 1)
+
+
+class DeviceStep:
+    """The device half of one batched step for slots 0…n-1, as one function over static buffers.
+
+    The host stages one int64 row per slot (:class:`SlotInputs`) in :attr:`staging`; a call
+    copies it to the device (one host→device copy) and runs :meth:`forward`: through a graph
+    (two variants, with and without the depformer stages) when ``attend_slots`` is None and
+    graphs are on, eagerly otherwise. ``attend_slots`` limits attention to the first cache
+    slots (eager only: it changes shapes); None attends over the whole cache, the fixed
+    shape a graph needs. Rows of slots that are not listed are computed and ignored: their
+    only writes are the KV slot at their position and depformer scratch.
+    """
+
+    def __init__(
+        self, model: Dia2Model, buffers: EngineBuffers, n: int, *, graphed: bool, memory: GraphMemory | None = None
+    ) -> None:
+        cfg = model.config
+        dev = model.device
+        self.model = model
+        self.buffers = buffers
+        self.n = n
+        self.num_codebooks = cfg.num_codebooks
+        self.num_stages = cfg.num_stages
+        self.bos = cfg.data.audio_bos_token_id
+        self.logit_limit = cfg.audio_logit_limit
+        self.text_pad = cfg.data.text_pad_token_id
+        self.text_zero = cfg.data.text_zero_token_id
+        self.delays = torch.tensor(list(cfg.data.delay_pattern), device=dev)  # [K]
+        # Pinned on CUDA so the copy in is asynchronous. The engine rewrites it only after the
+        # previous step's edge copy to the host synchronised the stream; after a step that raised
+        # first, a copy still in flight goes to the same tensor as the next one, which lands later.
+        self.staging = torch.zeros((n, len(In)), dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.inputs = torch.zeros((n, len(In)), dtype=torch.long, device=dev)
+        self._with_depformer = CUDAGraphed(
+            lambda x: self.forward(x, depformer=True), name=f"step[{n}]+depformer", disable=not graphed, memory=memory
+        )
+        self._without_depformer = CUDAGraphed(
+            lambda x: self.forward(x, depformer=False), name=f"step[{n}]", disable=not graphed, memory=memory
+        )
+
+    @property
+    def captured(self) -> bool:
+        return self._with_depformer.captured and self._without_depformer.captured
+
+    def stage(self, rows: list[SlotInputs]) -> None:
+        """Write the host rows (exactly n) into the staging tensor."""
+        if len(rows) != self.n:
+            raise GraphShapeError(
+                f"DeviceStep for {self.n} slots got {len(rows)} rows; pass one row per slot 0…{self.n - 1} "
+                "(SlotInputs() for idle ones) or use the DeviceStep of bucket_for(rows)"
+            )
+        self.staging.copy_(torch.tensor([r.row() for r in rows], dtype=torch.long))
+
+    def __call__(self, *, depformer: bool, attend_slots: int | None = None) -> StepTensors:
+        """Copy the staged rows to the device and run the step (no host sync)."""
+        with torch.inference_mode():
+            self.inputs.copy_(self.staging, non_blocking=True)
+            if attend_slots is not None:
+                return self.forward(self.inputs, depformer=depformer, attend_slots=attend_slots)
+            graphed = self._with_depformer if depformer else self._without_depformer
+            return graphed(self.inputs)
+
+    def warm_up(self) -> None:
+        """Run (and, with graphs, capture) both variants on idle rows: no slot listed, so nothing
+        observable changes (KV slot 0 of each row and depformer scratch are rewritten before use)."""
+        self.stage([self.idle_row()] * self.n)
+        self(depformer=True)
+        self(depformer=False)
+
+    def idle_row(self, position: int = 0) -> SlotInputs:
+        """The row of a slot that is computed and ignored (pad text; nothing written to its audio)."""
+        pad = (self.text_pad, self.text_pad)
+        return SlotInputs(position=position, main=pad[0], second=pad[1], next_if_pad=pad, next_if_word=pad)
+
+    # ------------------------------------------------------------------ the function
+
+    def forward(self, inputs: torch.Tensor, *, depformer: bool, attend_slots: int | None = None) -> StepTensors:
+        """inputs [n, len(In)] int64 → :class:`StepTensors`. Reads and writes the engine's buffers."""
+        n, k = self.n, self.num_codebooks
+        b = self.buffers
+        model = self.model
+        audio = b.audio[:n]  # [n, K, columns]
+        seeds, scale, cfg_k = b.seeds[:n], b.cfg_scale[:n], b.cfg_k[:n]
+        positions = inputs[:, In.POSITION]
+        listed = inputs[:, In.LISTED] != 0
+
+        # Inputs [2n, C]: both rows read the same audio column t; row 1 has the unconditional text.
+        audio_in = audio.gather(2, positions[:, None, None].expand(n, k, 1))[..., 0]  # [n, K]
+        audio_in = torch.where(positions[:, None] < self.delays[None, :], self.bos, audio_in)
+        audio_in = torch.where(listed[:, None], audio_in, self.bos)
+        uncond_text = torch.stack(
+            [torch.full_like(positions, self.text_zero), torch.full_like(positions, self.text_pad)], dim=1
+        )
+        text = _interleave(inputs[:, In.MAIN : In.SECOND + 1], uncond_text)  # [2n, 2]
+        tokens = torch.cat([text, _interleave(audio_in, audio_in)], dim=1)  # [2n, C]
+
+        out = model.transformer(tokens[:, :, None], _interleave(positions, positions), b.decoder, slots=attend_slots)
+        action_logits, cb0_logits = out.action_logits[:, 0], out.cb0_logits[:, 0]  # [2n, Vx], [2n, Va]
+        guided = cfg_filter(action_logits[0::2], action_logits[1::2], scale, cfg_k)
+        actions = sample(guided, b.text_temp[:n], b.text_top_k[:n], stream_uniforms(seeds, positions, SLOT_ACTION))
+
+        # Which codebooks of column t+1 may be written: not a prompt frame, and the slot is listed.
+        frame_of_next = positions[:, None] + 1 - self.delays[None, :]  # [n, K]
+        writable = (frame_of_next >= inputs[:, In.PROMPT_FRAMES, None]) & listed[:, None]
+        next_col = (positions + 1)[:, None, None].expand(n, k, 1)
+        column = audio.gather(2, next_col)[..., 0]  # [n, K]: the prompt's codes where not writable
+
+        guided = cfg_filter(cb0_logits[0::2], cb0_logits[1::2], scale, cfg_k)
+        guided[:, self.logit_limit :] = float("-inf")  # never BOS/PAD as a code
+        cb0 = sample(guided, b.audio_temp[:n], b.audio_top_k[:n], stream_uniforms(seeds, positions, SLOT_CB0))
+        column[:, 0] = torch.where(writable[:, 0], cb0, column[:, 0])
+
+        stage_logits: torch.Tensor | None = None
+        if depformer:
+            stage_logits = self._depformer(inputs, out.hidden[:, 0], actions, column, writable)
+        audio.scatter_(2, next_col, column[:, :, None])
+
+        # The frame the host emits after this step (its last column may be the one just written).
+        emit_cols = inputs[:, In.EMIT_FRAME].clamp(min=0)[:, None] + self.delays[None, :]  # [n, K]
+        emitted = audio.gather(2, emit_cols[:, :, None])[..., 0]
+        edge = torch.cat([actions[:, None], emitted], dim=1)
+        return StepTensors(edge, tokens, column, action_logits, cb0_logits, stage_logits)
+
+    def _depformer(
+        self,
+        inputs: torch.Tensor,
+        hidden: torch.Tensor,
+        actions: torch.Tensor,
+        column: torch.Tensor,
+        writable: torch.Tensor,
+    ) -> torch.Tensor:
+        """All S stages; writes codebooks 1…K-1 of ``column`` [n, K] in place where writable.
+        hidden [2n, E]. Returns the stage logits [2n, S, V']."""
+        n = self.n
+        b = self.buffers
+        dep = self.model.depformer
+        positions = inputs[:, In.POSITION]
+        text: tuple[torch.Tensor, torch.Tensor] | None = None
+        if dep.text_embed is not None:
+            # Text of column t+1: the host staged both outcomes of the action; pick on device.
+            word = (actions == ACTION_NEW_WORD)[:, None]
+            nxt = torch.where(word, inputs[:, In.WORD_MAIN : In.WORD_SECOND + 1], inputs[:, In.PAD_MAIN : In.PAD_SECOND + 1])
+            text = (
+                _interleave(nxt[:, 0], torch.full_like(nxt[:, 0], self.text_zero)),
+                _interleave(nxt[:, 1], torch.full_like(nxt[:, 1], self.text_pad)),
+            )
+        # Each stage is teacher-forced from column t+1 as it now stands (the sampled code, or
+        # the prompt's own code in the continuation zone). Clamp: rows of unlisted slots may
+        # hold the ungenerated sentinel; their outputs are ignored.
+        prev = column[:, 0].clamp(min=0)
+        all_logits: list[torch.Tensor] = []
+        for stage in range(self.num_stages):
+            logits = dep.stage(stage, hidden, _interleave(prev, prev), b.depformer, text=text)  # [2n, V']
+            guided = cfg_filter(logits[0::2], logits[1::2], b.cfg_scale[:n], b.cfg_k[:n])
+            uniforms = stream_uniforms(b.seeds[:n], positions, stage_slot(stage))
+            tok = sample(guided, b.audio_temp[:n], b.audio_top_k[:n], uniforms)
+            c = stage + 1
+            column[:, c] = torch.where(writable[:, c], tok, column[:, c])
+            prev = column[:, c].clamp(min=0)
+            all_logits.append(logits)
+        return torch.stack(all_logits, dim=1)
