@@ -13,10 +13,12 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import secrets
+import socket
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,9 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from dia2 import Dia2
+from dia2.text import normalize_text
 
-from .call import Call, CallState, TurnRejected
+from .call import Call, CallState, TurnRejected, load_fallback_audio
 from .config import Settings
 from .metrics import Metrics
 from .tts import Reservation, TtsWorker
@@ -45,6 +48,11 @@ from .voices import VoiceError, VoiceRegistry
 log = logging.getLogger(__name__)
 
 STREAM_PATH = "/twilio/stream/"
+#: A media socket's writer checks for back-pressure every this many bytes (aiohttp: 64 KiB),
+#: and the transport pauses above this much unsent data, so a stalled reader blocks our send
+#: (and trips ``audio.send_timeout_s``) after about a second of audio, not after minutes.
+WS_WRITER_CHECK_BYTES = 4096
+WS_WRITE_HIGH_WATER = 16 * 1024
 
 
 @dataclass
@@ -112,7 +120,12 @@ class Services:
     calls: dict[str, Call] = field(default_factory=dict)
     tokens: StreamTokens = field(default_factory=lambda: StreamTokens(30.0))
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    # Played when a turn fails (calls.fallback_audio, loaded at start-up); None: 300 ms silence.
+    fallback_ulaw8k: bytes | None = None
+    # Called with each call once it has ended and left the registry (diagnostics: bench/soak.py).
+    call_observers: list[Callable[[Call], None]] = field(default_factory=list)
     ready: bool = False
+    shutting_down: bool = False
 
     def require(self) -> tuple[Dia2, TtsWorker, VoiceRegistry]:
         if self.runtime is None or self.worker is None or self.voices is None:
@@ -124,6 +137,33 @@ SERVICES = web.AppKey("services", Services)
 
 
 # ---------------------------------------------------------------------------- helpers
+
+# Secrets that travel in URLs: the API token as ``?token=`` (clients that cannot set headers)
+# and the one-time stream token in the media stream's path.
+_URL_SECRETS = re.compile(r"(?P<key>[?&]token=)[^&\s\"]*|(?P<path>/twilio/stream/)[^?\s\"/]+")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with URL-borne tokens replaced by ``[redacted]`` (for log lines)."""
+    return _URL_SECRETS.sub(lambda m: (m.group("key") or m.group("path")) + "[redacted]", text)
+
+
+class RedactTokens(logging.Filter):
+    """Keeps tokens out of aiohttp's access log (its request line includes path and query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.args:
+            record.msg = redact_url(record.msg)
+        line = record.__dict__.get("first_request_line")  # the access log's `extra` for %r
+        if isinstance(line, str):
+            record.__dict__["first_request_line"] = redact_url(line)
+        return True
+
+
+def _install_log_redaction() -> None:
+    access = logging.getLogger("aiohttp.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
 
 
 def services(request: web.Request) -> Services:
@@ -137,17 +177,27 @@ def _public_base(request: web.Request, settings: Settings) -> str:
     return f"{request.scheme}://{request.host}"
 
 
+def _route_of(request: web.Request) -> str:
+    """The route template, not the path: a media stream's path carries its one-time token."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "?"
+
+
 def _check_twilio_signature(request: web.Request, url: str, params: dict[str, Any]) -> None:
     settings = services(request).settings.twilio
-    if not settings.validate_signatures:
+    if not settings.validate_signatures and not settings.auth_token:
         return
     signature = request.headers.get("X-Twilio-Signature")
     ok = validate_signature(
         settings.auth_token, url, params, signature, request.headers.get("X-Twilio-Webhooks-Signature-Settings")
     )
+    if not ok and not settings.validate_signatures:  # local development: say what would have failed
+        log.warning("%s %s: %s Twilio signature (accepted: twilio.validate_signatures is off)", request.method,
+                    _route_of(request), "missing" if not signature else "invalid")
+        return
     if not ok:
         services(request).metrics.rejected_total.labels(reason="bad_signature").inc()
-        log.warning("rejected %s %s: %s Twilio signature", request.method, request.path,
+        log.warning("rejected %s %s: %s Twilio signature", request.method, _route_of(request),
                     "missing" if not signature else "invalid")
         raise web.HTTPForbidden(text="invalid Twilio signature")
 
@@ -208,8 +258,8 @@ async def twilio_voice(request: web.Request) -> web.Response:
     voice_name = request.query.get("voice") or voices.default
     try:
         voices.get(voice_name)
-    except VoiceError as exc:
-        log.warning("call %s asked for %s", call_sid, exc)
+    except VoiceError:
+        log.warning("call %s asked for an unknown voice %r", call_sid, voice_name[:64])
         svc.metrics.rejected_total.labels(reason="unknown_voice").inc()
         return web.Response(text=say_hangup_twiml("Sorry, this line is not configured correctly."),
                             content_type="text/xml")
@@ -258,8 +308,66 @@ class _RateLimit:
         return self.count <= self.per_s
 
 
+def close_code_for(reason: str) -> WSCloseCode:
+    """The WebSocket close code for a call's end reason (``call.end_reason``)."""
+    if reason.startswith("protocol_error"):
+        return WSCloseCode.POLICY_VIOLATION  # 1008: bad input from the peer
+    if reason.startswith("error"):
+        return WSCloseCode.INTERNAL_ERROR  # 1011: our side failed (send timeout, speaker)
+    if reason == "shutdown":
+        return WSCloseCode.GOING_AWAY  # 1001
+    return WSCloseCode.OK
+
+
+async def close_socket(ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int,
+                       message: str, timeout_s: float) -> None:
+    """Close ``ws`` with ``code``, bounded: a peer that reads nothing cannot take the close
+    frame, and a plain transport close would wait for it forever, so the connection is
+    aborted instead (its socket and file descriptor are freed at once)."""
+    if ws.closed:
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await ws.close(code=code, message=message.encode()[:120])
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+    except asyncio.CancelledError:
+        if transport is not None:
+            transport.abort()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # Not our cancellation: aiohttp shares one drain future per connection, and a send
+        # that timed out (a stalled peer) cancelled it; every later drain re-raises that.
+    except ConnectionError:
+        pass  # already gone
+
+
+def _limit_send_buffer(request: web.Request, send_buffer_bytes: int) -> asyncio.Transport | None:
+    """Bound what a media socket can hold unsent (kernel and user space); see ``WS_WRITE_HIGH_WATER``."""
+    transport = request.transport
+    if transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # e.g. not a TCP socket: keep the defaults
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    transport.set_write_buffer_limits(high=WS_WRITE_HIGH_WATER)
+    return transport
+
+
 async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
-    """One call's media stream. This handler is the only reader of the socket."""
+    """One call's media stream. This handler is the only reader of the socket.
+
+    Outcomes (each is one WARNING line at most, and touches no other call): a bad signature
+    or an unknown, expired or used token is refused with 403 before the upgrade; a frame or
+    an event order that breaks the protocol, a flood, or no ``start`` within
+    ``twilio.start_timeout_s`` closes with 1008; an internal failure (a send timeout on a
+    stalled reader, a crashed speaker) closes with 1011; shutdown closes with 1001; ``stop``,
+    a hang-up or ``calls.max_call_s`` closes with 1000. Unknown events are ignored (logged
+    at debug).
+    """
     svc = services(request)
     settings = svc.settings
     token = request.match_info["token"]
@@ -271,7 +379,9 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         log.warning("refused a media stream with an unknown or expired token")
         raise web.HTTPForbidden(text="unknown or expired stream token")
     _, worker, voices = svc.require()
-    ws = web.WebSocketResponse(max_msg_size=settings.twilio.max_message_bytes, autoping=True)
+    ws = web.WebSocketResponse(max_msg_size=settings.twilio.max_message_bytes, autoping=True,
+                               writer_limit=WS_WRITER_CHECK_BYTES)
+    transport = _limit_send_buffer(request, settings.audio.send_buffer_bytes)
     await ws.prepare(request)
     svc.sockets.add(ws)
     call = Call(
@@ -283,25 +393,48 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         send_text=ws.send_str,
         greeting=binding.greeting,
         reservation=binding.reservation,
+        fallback_ulaw8k=svc.fallback_ulaw8k,
     )
+
+    async def close_when_ended() -> None:
+        # The one place that closes this socket: whoever ends the call (this handler, the
+        # call's own writer on a send timeout, a hang-up, shutdown), the peer gets the code
+        # for the reason, and a receive() in progress returns at once.
+        await call.ended.wait()
+        await close_socket(ws, transport, close_code_for(call.end_reason), call.end_reason,
+                           settings.audio.send_timeout_s)
+
+    closer = asyncio.create_task(close_when_ended(), name=f"close-{call.call_sid}")
     reason = "hangup: caller"
-    close_code = WSCloseCode.OK
     limiter = _RateLimit(settings.twilio.max_messages_per_s)
     started_by = time.monotonic() + settings.twilio.start_timeout_s
+    over_at = time.monotonic() + settings.calls.max_call_s
     try:
         while True:
-            timeout = None if call.state is not CallState.CONNECTING else max(0.01, started_by - time.monotonic())
-            try:
-                msg = await ws.receive(timeout=timeout)
-            except TimeoutError:
-                raise ProtocolError("start_timeout", f"no start within {settings.twilio.start_timeout_s} s") from None
+            connecting = call.state is CallState.CONNECTING
+            left = (started_by if connecting else over_at) - time.monotonic()
+            msg = None
+            if left > 0:
+                with contextlib.suppress(TimeoutError):
+                    msg = await ws.receive(timeout=left)
+            if msg is None:  # a deadline passed
+                if connecting:
+                    raise ProtocolError("start_timeout", f"no start within {settings.twilio.start_timeout_s} s")
+                reason = "hangup: max_call_s"
+                call.log.warning("call reached calls.max_call_s = %.0f s: hanging up", settings.calls.max_call_s)
+                break
+            if call.state is CallState.ENDED:  # ended elsewhere while we waited
+                reason = call.end_reason
+                break
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 reason = "hangup: socket closed" if call.state is not CallState.CONNECTING else "error: closed before start"
+                if svc.shutting_down:
+                    reason = "shutdown"
                 break
             if msg.type is WSMsgType.ERROR:
                 if isinstance(ws.exception(), Exception) and "size" in str(ws.exception()).lower():
                     raise ProtocolError("too_large", str(ws.exception()))
-                reason = f"error: socket {ws.exception()}"
+                reason = f"error: socket {type(ws.exception()).__name__}"
                 break
             if not limiter.hit():
                 raise ProtocolError("flood", f"more than {settings.twilio.max_messages_per_s} messages in a second")
@@ -319,23 +452,24 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
                 reason = "hangup: stop"
                 break
             if call.state is CallState.ENDED:
+                reason = call.end_reason
                 break
     except ProtocolError as exc:
         reason = f"protocol_error: {exc.code}"
-        close_code = WSCloseCode.POLICY_VIOLATION
         svc.metrics.protocol_errors_total.labels(code=exc.code).inc()
-        call.log.warning("ending call on protocol error %s: %s", exc.code, exc)
+        call.log.warning("ending call on protocol error %s: %s", exc.code, exc.message)
     except asyncio.CancelledError:
         reason = "shutdown"
         raise
     finally:
         svc.tokens.discard(token)  # a stream that ended before `start` frees its slot at once
-        await call.end(reason)
+        await call.end(reason)  # no-op if it ended elsewhere; wakes the closer
+        with contextlib.suppress(asyncio.CancelledError):
+            await closer
         if svc.calls.get(call.call_sid) is call:
             del svc.calls[call.call_sid]
-        if not ws.closed:
-            with contextlib.suppress(Exception):
-                await ws.close(code=close_code, message=reason.encode()[:120])
+        for observe in svc.call_observers:
+            observe(call)
     return ws
 
 
@@ -364,17 +498,31 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _turn_text(text: object) -> str:
+    """A whole turn's text, or :class:`TurnRejected` (400).
+
+    Control, format and surrogate characters are dropped later by the TTS front end
+    (``dia2.text.normalize_text``); a text with nothing left to speak after that is refused
+    here instead of failing on the worker. Any script is accepted (the tokenizer is
+    byte-level); markup errors such as ``[S3]`` fail the turn on the worker (a ``failed``
+    turn, the fallback plays, the call goes on).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise TurnRejected(400, "'text' must be a non-empty string")
+    if not normalize_text(text):
+        raise TurnRejected(400, "'text' has nothing to speak once control and format characters are removed")
+    return text
+
+
 async def post_turn(request: web.Request) -> web.Response:
     check_api_token(request)
     call = _get_call(request)
     body = await _read_json(request)
-    text = body.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise JsonError(400, "'text' must be a non-empty string")
     interrupt = body.get("interrupt", False)
     if not isinstance(interrupt, bool):
         raise JsonError(400, "'interrupt' must be true or false")
     try:
+        text = _turn_text(body.get("text"))
         turn = call.add_turn(text, close=True, interrupt=interrupt, source="api")
     except TurnRejected as exc:
         raise JsonError(exc.status, str(exc)) from None
@@ -464,9 +612,7 @@ async def call_text_socket(request: web.Request) -> web.WebSocketResponse:
                         call.close_text(turn)
                         turn = None
                 elif kind == "turn":
-                    text = data.get("text")
-                    if not isinstance(text, str) or not text.strip():
-                        raise TurnRejected(400, "'text' must be a non-empty string")
+                    text = _turn_text(data.get("text"))
                     call.add_turn(text, close=True, interrupt=bool(data.get("interrupt")), source="stream")
                 elif kind == "interrupt":
                     call.interrupt(reason="interrupted by the API")
@@ -516,6 +662,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 def build_app(settings: Settings, *, runtime: Dia2 | None = None, say: Any = None) -> web.Application:
     """The service. ``runtime`` may be given (tests share one); else it is loaded at start-up."""
+    _install_log_redaction()
     app = web.Application(client_max_size=256 * 1024)
     app[SERVICES] = Services(settings=settings, metrics=Metrics(),
                              tokens=StreamTokens(settings.twilio.stream_token_ttl_s))
@@ -544,6 +691,7 @@ def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def
         svc = app[SERVICES]
         loop = asyncio.get_running_loop()
         # Model loading and the voice snapshot are heavy: keep them off the event loop.
+        svc.fallback_ulaw8k = await loop.run_in_executor(None, load_fallback_audio, svc.settings.calls.fallback_audio)
         svc.runtime, svc.voices = await loop.run_in_executor(
             None, load_runtime_and_voices, svc.settings, runtime, say
         )
@@ -561,15 +709,46 @@ def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def
     return context
 
 
-async def _close_sockets(app: web.Application) -> None:
-    """Graceful shutdown: let calls drain briefly, then close every socket with GOING_AWAY."""
+async def drain_calls(app: web.Application, timeout_s: float | None = None) -> None:
+    """Graceful shutdown, first half: run it *before* ``AppRunner.cleanup()`` (on SIGTERM).
+
+    No new call is admitted (``/healthz`` answers 503) and live calls take no new turns
+    (409); queued turns play out until their marks echo, for up to ``timeout_s`` (default
+    ``server.shutdown_timeout_s``); then every call ends and its socket closes with
+    GOING_AWAY (1001). It must run while the sockets are still read: ``cleanup()`` first makes
+    aiohttp ignore all incoming data (``Server.pre_shutdown``), so echoes would never arrive.
+    """
     svc = app[SERVICES]
     svc.ready = False
+    svc.shutting_down = True
+    timeout = svc.settings.server.shutdown_timeout_s if timeout_s is None else timeout_s
+    calls = list(svc.calls.values())
+    for call in calls:
+        if call.state is CallState.ACTIVE:
+            call.state = CallState.ENDING  # new turns get 409; queued ones still play
+    await asyncio.gather(*(c.drain(timeout) for c in calls), return_exceptions=True)
+    # Ending a call closes its media socket with 1001 (see twilio_stream).
+    await asyncio.gather(*(c.end("shutdown") for c in calls), return_exceptions=True)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """on_shutdown: calls still open (no :func:`drain_calls` before) send what they have queued,
+    for up to ``server.shutdown_timeout_s`` (aiohttp reads nothing any more, so no echo can
+    come), then end; every socket closes with GOING_AWAY (1001), each close bounded so a
+    stalled peer cannot hold shutdown up."""
+    svc = app[SERVICES]
+    svc.ready = False
+    svc.shutting_down = True
+    calls = [c for c in svc.calls.values() if c.state is not CallState.ENDED]
+    for call in calls:
+        if call.state is CallState.ACTIVE:
+            call.state = CallState.ENDING
     timeout = svc.settings.server.shutdown_timeout_s
-    await asyncio.gather(*(c.drain(timeout) for c in list(svc.calls.values())), return_exceptions=True)
-    for ws in list(svc.sockets):
-        with contextlib.suppress(Exception):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    await asyncio.gather(*(c.drain(timeout, heard=False) for c in calls), return_exceptions=True)
+    await asyncio.gather(*(c.end("shutdown") for c in calls), return_exceptions=True)
+    close_s = svc.settings.audio.send_timeout_s
+    await asyncio.gather(*(close_socket(ws, None, WSCloseCode.GOING_AWAY, "server shutdown", close_s)
+                           for ws in list(svc.sockets)), return_exceptions=True)
 
 
 def voices_dir(settings: Settings) -> Path:

@@ -11,6 +11,12 @@ Three tasks per call, each with one job:
 Playback generations: every ``clear`` bumps ``generation``; chunks and marks carry the
 generation they were made in, so anything from before a clear is dropped unsent and a
 mark echoed after a clear is not counted as heard.
+
+Faults: a turn that fails in the TTS worker ends as ``failed`` and the caller hears a short
+fallback (``calls.fallback_audio``, or 300 ms of silence) through the same paced path; the
+call stays up and takes its next turn. Whatever ends a call (stop, a dropped socket, a send
+timeout, shutdown) cancels its TTS turn at once, so its stream slot is free before the
+worker's next step.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import contextlib
 import enum
 import itertools
 import logging
+import re
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,10 +39,10 @@ import numpy as np
 from dia2 import GenerationConfig, SamplingParams
 
 from .audio import InboundAudio, OutboundAudio
-from .config import Settings
+from .config import Settings, SettingsError
 from .metrics import Metrics
 from .pacing import Pacer
-from .tts import Reservation, TtsWorker, TurnFailed, TurnHandle, WorkerFull
+from .tts import Reservation, TtsWorker, TurnFailed, TurnHandle, WorkerClosed, WorkerFull
 from .twilio import Dtmf, Mark, Media, MediaStreamProtocol, Start, Stop
 from .vad import BargeInDetector
 from .voices import Voice
@@ -43,6 +51,38 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 160  # 20 ms of 8 kHz mu-law
 CHUNK_MS = 20
+ULAW_SILENCE = 0xFF
+FALLBACK_SILENCE_MS = 300  # what a failed turn plays when no fallback clip is configured
+MAX_FALLBACK_S = 5.0
+_WHITESPACE = re.compile(r"\s+")
+
+
+def load_fallback_audio(path: str) -> bytes:
+    """The fallback clip as 8 kHz mu-law, padded with silence to whole 20 ms chunks.
+
+    ``path`` is ``calls.fallback_audio``: a WAV of any rate and channel count, at most
+    :data:`MAX_FALLBACK_S` long; empty gives :data:`FALLBACK_SILENCE_MS` of silence. Blocking
+    (file I/O, resampling): call it at start-up, off the event loop. Raises
+    :class:`SettingsError` naming the key and the file.
+    """
+    if not path:
+        return bytes([ULAW_SILENCE]) * (FALLBACK_SILENCE_MS * CHUNK_BYTES // CHUNK_MS)
+    import soundfile as sf
+    import soxr
+
+    from .audio import pcm16_to_ulaw
+
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError) as exc:  # LibsndfileError is a RuntimeError
+        raise SettingsError(f"calls.fallback_audio = {path!r}: cannot read it as audio ({exc})") from None
+    if data.shape[0] == 0 or data.shape[0] > MAX_FALLBACK_S * rate:
+        raise SettingsError(f"calls.fallback_audio = {path!r}: {data.shape[0] / rate:.2f} s long; "
+                            f"expected a short clip (0 < length <= {MAX_FALLBACK_S:g} s)")
+    mono = data.mean(axis=1)
+    pcm8k = soxr.resample(mono, rate, 8000, quality="HQ") if rate != 8000 else mono
+    ulaw = pcm16_to_ulaw(np.rint(np.clip(pcm8k, -1.0, 1.0) * 32767.0).astype(np.int16))
+    return ulaw + bytes([ULAW_SILENCE]) * (-len(ulaw) % CHUNK_BYTES)
 
 
 class CallState(enum.Enum):
@@ -89,6 +129,7 @@ class Turn:
     text_parts: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     text_closed: bool = False
     chars: int = 0
+    word_chars: int = 0  # characters since the last whitespace pushed (a word still open)
     first_chunk_at: float | None = None
     heard: list[str] = field(default_factory=list)
     words_sent: list[str] = field(default_factory=list)
@@ -141,7 +182,11 @@ class CallStats:
     underruns: int = 0
     barge_ins: int = 0
     dropped_chunks: int = 0
+    failed_turns: int = 0
     first_ttfa_ms: float | None = None
+    # CRC-32 chained over every media payload sent, in order: a simulator that chains what it
+    # received the same way proves that nothing was lost or reordered (bench/soak.py).
+    media_crc32: int = 0
 
 
 class Call:
@@ -158,6 +203,7 @@ class Call:
         send_text: Callable[[str], Awaitable[None]],
         greeting: str = "",
         reservation: Reservation | None = None,
+        fallback_ulaw8k: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.call_sid = call_sid
@@ -168,6 +214,8 @@ class Call:
         self._send_text = send_text
         self.greeting = greeting
         self.reservation = reservation  # the call's TTS slot; released when the call ends
+        # Played when a turn fails (load_fallback_audio); None: 300 ms of silence.
+        self.fallback_ulaw8k = load_fallback_audio("") if fallback_ulaw8k is None else fallback_ulaw8k
         self.state = CallState.CONNECTING
         self.protocol = MediaStreamProtocol(max_message_bytes=settings.twilio.max_message_bytes)
         self.stream_sid: str | None = None
@@ -196,6 +244,7 @@ class Call:
         self._recent_chunks: deque[bytes] = deque(maxlen=16)  # for the barge-in fade-out
         self._queued_at_clear_ms = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._end_tasks: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -226,6 +275,9 @@ class Call:
         self.state = CallState.ENDED
         self.end_reason = reason
         for turn in [self.current, *self.turns]:
+            if turn is not None and turn.handle is not None:
+                # Before anything awaits: the worker frees the slot before its next step.
+                turn.handle.cancel()
             if turn is not None and turn.state in (TurnState.QUEUED, TurnState.SPEAKING, TurnState.SENT):
                 self._finish_turn(turn, TurnState.CANCELLED if turn.state is TurnState.QUEUED else TurnState.INTERRUPTED)
         self.turns.clear()
@@ -256,6 +308,12 @@ class Call:
         self.emit({"event": "call_ended", "call_sid": self.call_sid, "reason": reason})
         self.ended.set()
 
+    def end_soon(self, reason: str) -> None:
+        """End the call from one of its own tasks (which :meth:`end` would otherwise cancel)."""
+        task = asyncio.get_running_loop().create_task(self.end(reason), name=f"end-{self.call_sid}")
+        self._end_tasks.add(task)
+        task.add_done_callback(self._end_tasks.discard)
+
     # ------------------------------------------------------------------ events from Twilio
 
     def on_event(self, event: object) -> bool:
@@ -265,7 +323,8 @@ class Call:
         elif isinstance(event, Mark):
             self._on_mark(event.name)
         elif isinstance(event, Dtmf):
-            self.log.info("dtmf %s", event.digit)
+            # Digits are caller data (PINs, card numbers): the API listener gets them, logs do not.
+            self.log.debug("dtmf received")
             self.emit({"event": "dtmf", "digit": event.digit})
         elif isinstance(event, Stop):
             return False
@@ -311,6 +370,8 @@ class Call:
             raise TurnRejected(409, f"call {self.call_sid} is {self.state.value}; it takes no turns")
         if text is not None and len(text) > self.settings.calls.max_turn_chars:
             raise TurnRejected(413, f"turn text is {len(text)} characters; the limit is {self.settings.calls.max_turn_chars}")
+        if text:
+            self._word_chars_after(0, text)
         if interrupt:
             self.interrupt(reason="new turn with interrupt")
         if len(self.turns) >= self.settings.calls.max_queued_turns:
@@ -335,10 +396,27 @@ class Call:
             raise TurnRejected(409, f"turn {turn.id} is closed; start a new turn")
         if turn.state not in (TurnState.QUEUED, TurnState.SPEAKING):
             raise TurnRejected(409, f"turn {turn.id} is {turn.state.value}")
+        word_chars = self._word_chars_after(turn.word_chars, text)
         turn.chars += len(text)
         if turn.chars > self.settings.calls.max_turn_chars:
             raise TurnRejected(413, f"turn {turn.id} passed the {self.settings.calls.max_turn_chars}-character limit")
+        turn.word_chars = word_chars
         turn.text_parts.put_nowait(text)
+
+    def _word_chars_after(self, open_chars: int, text: str) -> int:
+        """Length of the word left open after ``text``; :class:`TurnRejected` (400) if any word in
+        it (counting ``open_chars`` already pushed) is over ``calls.max_word_chars``.
+
+        The TTS speaks a turn in parts that each fit the model's context; one word too long to
+        fit any part (a paragraph with no spaces: a URL, a script written without spaces) would
+        never end, so it is refused here.
+        """
+        runs = _WHITESPACE.split(text)
+        longest = max([open_chars + len(runs[0]), *(len(r) for r in runs[1:])])
+        limit = self.settings.calls.max_word_chars
+        if longest > limit:
+            raise TurnRejected(400, f"a word of {longest} characters; the limit is {limit} (separate words with spaces)")
+        return len(runs[-1]) if len(runs) > 1 else open_chars + len(runs[0])
 
     def close_text(self, turn: Turn) -> None:
         if not turn.text_closed:
@@ -442,7 +520,7 @@ class Call:
             raise
         except Exception:
             self.log.exception("speaker task failed")
-            asyncio.get_running_loop().create_task(self.end("error: speaker failed"))
+            self.end_soon("error: speaker failed")
 
     async def _speak(self, turn: Turn) -> None:
         self.current = turn
@@ -453,9 +531,10 @@ class Call:
             handle = await self.worker.open_turn(
                 self.voice.snapshot, self.generation_config(turn), turn_id=turn.id, reservation=self.reservation
             )
-        except (WorkerFull, TurnFailed) as exc:
+        except (WorkerFull, WorkerClosed, TurnFailed) as exc:
             turn.error = str(exc)
-            self._finish_turn(turn, TurnState.FAILED)
+            self.log.warning("turn %s could not start in the TTS worker: %s", turn.id, exc)
+            await self._fail_turn(turn, gen)
             return
         turn.handle = handle
         feeder = asyncio.create_task(self._feed_text(turn, handle), name=f"feed-{turn.id}")
@@ -487,15 +566,30 @@ class Call:
             self._outbound.drop()
             turn.error = str(exc)
             self.log.warning("turn %s failed in the TTS worker: %s", turn.id, exc)
-            self._finish_turn(turn, TurnState.FAILED)
+            await self._fail_turn(turn, gen)
         finally:
+            # Cancelled (call ended), cut by a barge-in, or done: a no-op once the turn has
+            # ended on the worker, else its slot is free before the worker's next step.
+            handle.cancel()
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
-            if turn.state is TurnState.SPEAKING:
-                handle.cancel()
             if self.current is turn and turn.state is not TurnState.SENT:
                 self.current = None
+
+    async def _fail_turn(self, turn: Turn, gen: int) -> None:
+        """The turn failed on the worker: play the fallback through the normal path, end it failed.
+
+        The fallback chunks carry no turn (they count in no turn's audio or time to first
+        audio); the mark after them lets ``drain`` wait for them and barge-in cut them.
+        """
+        self.stats.failed_turns += 1
+        if gen == self.generation and self.state in (CallState.ACTIVE, CallState.ENDING) and self.fallback_ulaw8k:
+            audio = self.fallback_ulaw8k
+            for i in range(0, len(audio), CHUNK_BYTES):
+                await self._put(OutItem("media", gen, audio[i : i + CHUNK_BYTES]))
+            await self._put(OutItem("mark", gen, f"t{turn.seq}-g{gen}-fallback", turn))
+        self._finish_turn(turn, TurnState.FAILED)
 
     async def _feed_text(self, turn: Turn, handle: TurnHandle) -> None:
         while True:
@@ -537,10 +631,10 @@ class Call:
         except SendTimeout:
             self.log.warning("Twilio socket accepted nothing for %.1f s: ending the call",
                              self.settings.audio.send_timeout_s)
-            asyncio.get_running_loop().create_task(self.end("error: send timeout"))
+            self.end_soon("error: send timeout")
         except ConnectionError as exc:
             self.log.info("socket closed while sending: %s", exc)
-            asyncio.get_running_loop().create_task(self.end("hangup: socket closed"))
+            self.end_soon("hangup: socket closed")
 
     async def _send_media(self, item: OutItem) -> None:
         delay = self._pacer.delay_for_next()
@@ -554,10 +648,12 @@ class Call:
             item.turn.underruns += 1
             self.stats.underruns += 1
             self.metrics.underruns_total.inc()
-        await self._send(self.protocol.media_message(bytes(item.data)))
+        data = bytes(item.data)
+        await self._send(self.protocol.media_message(data))
         self._pacer.sent()
-        self._recent_chunks.append(bytes(item.data))
+        self._recent_chunks.append(data)
         self.stats.chunks_sent += 1
+        self.stats.media_crc32 = zlib.crc32(data, self.stats.media_crc32)
         self.metrics.chunks_sent_total.inc()
         turn = item.turn
         if turn is not None:
@@ -588,8 +684,11 @@ class Call:
         n = min(len(playing), ms * 8)
         faded = np.zeros(CHUNK_BYTES, dtype=np.int16)
         faded[:n] = (playing[:n] * np.linspace(1.0, 0.0, n, dtype=np.float32)).astype(np.int16)
-        await self._send(self.protocol.media_message(pcm16_to_ulaw(faded)))
+        data = pcm16_to_ulaw(faded)
+        await self._send(self.protocol.media_message(data))
         self.stats.chunks_sent += 1
+        self.stats.media_crc32 = zlib.crc32(data, self.stats.media_crc32)
+        self.metrics.chunks_sent_total.inc()
 
     async def _send(self, text: str) -> None:
         try:
@@ -609,15 +708,23 @@ class Call:
                 self.listeners.discard(queue)
                 self.log.warning("dropping an event listener that stopped reading")
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until everything sent so far has played (a probe mark echoes), up to ``timeout_s``."""
+    async def drain(self, timeout_s: float, *, heard: bool = True) -> bool:
+        """Wait until every queued turn has played (its marks echoed), up to ``timeout_s``.
+
+        ``heard=False``: only until everything has been *sent*, for when echoes can no longer
+        arrive (aiohttp stops reading every connection before its on_shutdown hooks run).
+        """
         if self.state is CallState.ENDED:
             return True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            busy = self.current is not None or self.turns or any(
-                m.generation == self.generation for m in self.pending_marks.values()
-            )
+            if heard:
+                busy = self.current is not None or self.turns or any(
+                    m.generation == self.generation for m in self.pending_marks.values()
+                )
+            else:
+                speaking = self.current is not None and self.current.state is TurnState.SPEAKING
+                busy = speaking or bool(self.turns) or not self._outbox.empty()
             if not busy:
                 return True
             await asyncio.sleep(0.02)

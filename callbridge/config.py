@@ -80,6 +80,7 @@ class AudioSettings:
     fade_out_ms: int = 10
     mark_every_frames: int = 1
     send_timeout_s: float = 5.0
+    send_buffer_bytes: int = 16384  # kernel send buffer of a media socket (bounded: see the TOML)
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,11 @@ class BargeInSettings:
 class CallSettings:
     max_calls: int = 8
     max_turn_chars: int = 2000
+    max_word_chars: int = 64  # longer runs without whitespace are refused (400)
     max_queued_turns: int = 8
     hangup_drain_timeout_s: float = 3.0
     max_call_s: float = 4 * 3600.0
+    fallback_audio: str = ""  # WAV played when a turn fails; "" = 300 ms of silence
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,14 @@ def validate(s: Settings) -> None:
         raise bad("tts.top_k", s.tts.top_k, "must be >= 0")
     if s.twilio.max_message_bytes < 1024:
         raise bad("twilio.max_message_bytes", s.twilio.max_message_bytes, "must be at least 1024")
+    if s.audio.send_timeout_s <= 0:
+        raise bad("audio.send_timeout_s", s.audio.send_timeout_s, "must be > 0")
+    if not 4096 <= s.audio.send_buffer_bytes <= 4 * 1024 * 1024:
+        raise bad("audio.send_buffer_bytes", s.audio.send_buffer_bytes, "must be 4096…4194304")
+    if s.calls.max_call_s <= 0:
+        raise bad("calls.max_call_s", s.calls.max_call_s, "must be > 0")
+    if not 1 <= s.calls.max_word_chars <= 256:
+        raise bad("calls.max_word_chars", s.calls.max_word_chars, "must be 1…256")
     if s.calls.max_turn_chars < 1:
         raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
 
