@@ -94,7 +94,7 @@ class WebhookAgent:
             await self._session.close()
 
 
-def load_agent(callable_path: str, webhook_url: str, secret: str = "") -> Agent | None:
+def load_agent(callable_path: str, webhook_url: str, secret: str = "", timeout_s: float = 5.0) -> Agent | None:
     """The configured agent, or None. ``callable_path`` is ``module:function``."""
     if callable_path and webhook_url:
         raise ValueError("configure either agent.callable or agent.webhook_url, not both")
@@ -105,7 +105,7 @@ def load_agent(callable_path: str, webhook_url: str, secret: str = "") -> Agent 
         fn = getattr(importlib.import_module(module_name), attr)
         return CallableAgent(fn)
     if webhook_url:
-        return WebhookAgent(webhook_url, secret)
+        return WebhookAgent(webhook_url, secret, timeout_s)
     return None
 
 

@@ -28,6 +28,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from dia2 import Dia2
 from dia2.text import normalize_text
 
+from .agent import Agent, AgentReply, load_agent, run_agent
 from .call import Call, CallState, TurnRejected, load_fallback_audio
 from .config import Settings
 from .metrics import Metrics
@@ -124,6 +125,7 @@ class Services:
     fallback_ulaw8k: bytes | None = None
     # Called with each call once it has ended and left the registry (diagnostics: bench/soak.py).
     call_observers: list[Callable[[Call], None]] = field(default_factory=list)
+    agent: Agent | None = None
     ready: bool = False
     shutting_down: bool = False
 
@@ -134,6 +136,8 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+# An in-process agent object given by the embedding app (takes precedence over [agent]).
+AGENT = web.AppKey("agent", object)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -406,6 +410,7 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
 
     closer = asyncio.create_task(close_when_ended(), name=f"close-{call.call_sid}")
     reason = "hangup: caller"
+    agent_task: asyncio.Task[None] | None = None
     limiter = _RateLimit(settings.twilio.max_messages_per_s)
     started_by = time.monotonic() + settings.twilio.start_timeout_s
     over_at = time.monotonic() + settings.calls.max_call_s
@@ -446,6 +451,8 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
                 if binding.call_sid in svc.calls:
                     raise ProtocolError("duplicate_call", "this call already has a media stream")
                 svc.calls[call.call_sid] = call
+                if svc.agent is not None:
+                    agent_task = _start_agent(request.app, svc.agent, call)
                 call.begin(event)
                 continue
             if not call.on_event(event):
@@ -462,6 +469,8 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         reason = "shutdown"
         raise
     finally:
+        if agent_task is not None:
+            agent_task.cancel()
         svc.tokens.discard(token)  # a stream that ended before `start` frees its slot at once
         await call.end(reason)  # no-op if it ended elsewhere; wakes the closer
         with contextlib.suppress(asyncio.CancelledError):
@@ -471,6 +480,27 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         for observe in svc.call_observers:
             observe(call)
     return ws
+
+
+def _start_agent(app: web.Application, agent: Agent, call: Call) -> asyncio.Task[None]:
+    """Subscribe the agent to the call's events (before ``begin``, so it sees call_started)."""
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+    call.listeners.add(events)
+
+    async def act(reply: AgentReply) -> None:
+        if call.state is not CallState.ACTIVE:
+            return
+        try:
+            if reply.say:
+                call.add_turn(reply.say, close=True, interrupt=reply.interrupt, source="agent")
+            elif reply.interrupt:
+                call.interrupt(reason="interrupted by the agent")
+        except TurnRejected as exc:
+            call.log.warning("agent turn refused: %s", exc)
+        if reply.hangup:
+            asyncio.get_running_loop().create_task(hang_up(app, call))
+
+    return asyncio.create_task(run_agent(agent, events, call.view, act, call.call_sid), name=f"agent-{call.call_sid}")
 
 
 # ---------------------------------------------------------------------------- control API
@@ -660,10 +690,15 @@ async def metrics_handler(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- app
 
 
-def build_app(settings: Settings, *, runtime: Dia2 | None = None, say: Any = None) -> web.Application:
-    """The service. ``runtime`` may be given (tests share one); else it is loaded at start-up."""
+def build_app(
+    settings: Settings, *, runtime: Dia2 | None = None, say: Any = None, agent: Agent | None = None
+) -> web.Application:
+    """The service. ``runtime`` may be given (tests share one); else it is loaded at start-up.
+    ``agent``: an in-process agent hook (else the ``[agent]`` settings decide)."""
     _install_log_redaction()
     app = web.Application(client_max_size=256 * 1024)
+    if agent is not None:
+        app[AGENT] = agent
     app[SERVICES] = Services(settings=settings, metrics=Metrics(),
                              tokens=StreamTokens(settings.twilio.stream_token_ttl_s))
     app.router.add_post("/twilio/voice", twilio_voice)
@@ -697,6 +732,8 @@ def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def
         )
         svc.worker = TtsWorker(svc.runtime, svc.settings.tts.max_streams)
         await loop.run_in_executor(None, svc.worker.start)
+        a = svc.settings.agent
+        svc.agent = app.get(AGENT) or load_agent(a.callable, a.webhook_url, a.secret, a.timeout_s)
         svc.ready = True
         try:
             yield
@@ -705,6 +742,8 @@ def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def
             for call in list(svc.calls.values()):
                 await call.end("shutdown")
             await svc.worker.stop()
+            if svc.agent is not None:
+                await svc.agent.close()
 
     return context
 

@@ -156,7 +156,11 @@ class OutboundAudio:
             raise TypeError(f"expected float PCM in [-1, 1], got {getattr(pcm24k, 'dtype', type(pcm24k).__name__)}")
         if pcm24k.ndim != 1:
             raise ValueError(f"expected mono PCM [T], got shape {pcm24k.shape}")
-        return np.ascontiguousarray(pcm24k, dtype=np.float32)
+        pcm = np.ascontiguousarray(pcm24k, dtype=np.float32)
+        if not np.isfinite(pcm).all():
+            # A NaN would reach the int16 cast as a full-scale click; silence it instead.
+            pcm = np.nan_to_num(pcm, nan=0.0, posinf=1.0, neginf=-1.0)
+        return pcm
 
     def _encode(self, pcm8k: np.ndarray) -> bytes:
         over = np.count_nonzero(np.abs(pcm8k) > 1.0)

@@ -110,6 +110,16 @@ class TurnState(enum.Enum):
     CANCELLED = "cancelled"
 
 
+def open_word_after(open_chars: int, text: str, limit: int) -> int:
+    """Characters of the word still open after appending ``text`` to a stream whose last word had
+    ``open_chars``; ValueError if any word reaches over ``limit`` characters."""
+    runs = _WHITESPACE.split(text)
+    longest = max([open_chars + len(runs[0]), *(len(r) for r in runs[1:])])
+    if longest > limit:
+        raise ValueError(f"a word of {longest} characters; the limit is {limit} (separate words with spaces)")
+    return len(runs[-1]) if len(runs) > 1 else open_chars + len(runs[0])
+
+
 class TurnRejected(Exception):
     """A turn cannot be accepted (queue full, text too long, call not active)."""
 
@@ -411,12 +421,10 @@ class Call:
         fit any part (a paragraph with no spaces: a URL, a script written without spaces) would
         never end, so it is refused here.
         """
-        runs = _WHITESPACE.split(text)
-        longest = max([open_chars + len(runs[0]), *(len(r) for r in runs[1:])])
-        limit = self.settings.calls.max_word_chars
-        if longest > limit:
-            raise TurnRejected(400, f"a word of {longest} characters; the limit is {limit} (separate words with spaces)")
-        return len(runs[-1]) if len(runs) > 1 else open_chars + len(runs[0])
+        try:
+            return open_word_after(open_chars, text, self.settings.calls.max_word_chars)
+        except ValueError as exc:
+            raise TurnRejected(400, str(exc)) from None
 
     def close_text(self, turn: Turn) -> None:
         if not turn.text_closed:

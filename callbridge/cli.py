@@ -7,13 +7,14 @@ import asyncio
 import json
 import logging
 import secrets
+import signal
 import socket
 import sys
 from pathlib import Path
 
 from dia2.errors import Dia2Error
 
-from .config import SettingsError, load_settings
+from .config import Settings, SettingsError, load_settings
 
 
 def _say(msg: str) -> None:
@@ -39,18 +40,35 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from .app import build_app
     from .startup import check_secrets
 
     settings = load_settings(args.config)
     check_secrets(settings)
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    """Run until SIGINT/SIGTERM; then drain live calls *before* aiohttp stops reading sockets."""
+    from aiohttp import web
+
+    from .app import build_app, drain_calls
+
     app = build_app(settings, say=_say)
+    runner = web.AppRunner(app, shutdown_timeout=settings.server.shutdown_timeout_s)
+    await runner.setup()
+    await web.TCPSite(runner, settings.server.host, settings.server.port).start()
     _say(f"callbridge listening on http://{settings.server.host}:{settings.server.port} "
          f"(public URL: {settings.server.public_base_url or 'not set'})")
-    web.run_app(app, host=settings.server.host, port=settings.server.port, print=None,
-                shutdown_timeout=settings.server.shutdown_timeout_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        _say("shutting down: letting live calls finish their audio")
+        await drain_calls(app)
+    finally:
+        await runner.cleanup()
     return 0
 
 

@@ -102,6 +102,14 @@ class CallSettings:
 
 
 @dataclass(frozen=True)
+class AgentSettings:
+    callable: str = ""  # "package.module:function" called with (call, event)
+    webhook_url: str = ""  # or a URL that receives {"call", "event"} as JSON
+    secret: str = field(default="", repr=False)  # env CALLBRIDGE_AGENT_SECRET: bearer sent to the webhook
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -112,6 +120,7 @@ class Settings:
     audio: AudioSettings = AudioSettings()
     bargein: BargeInSettings = BargeInSettings()
     calls: CallSettings = CallSettings()
+    agent: AgentSettings = AgentSettings()
 
     def with_(self, **sections: dict[str, Any]) -> Settings:
         """A copy with some keys replaced, e.g. ``with_(server={"port": 0})`` (validated)."""
@@ -134,11 +143,13 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_API_TOKEN": ("auth", "api_token"),
     "CALLBRIDGE_AUTH": ("auth", "enabled"),
     "CALLBRIDGE_MAX_CALLS": ("calls", "max_calls"),
+    "CALLBRIDGE_AGENT_SECRET": ("agent", "secret"),
+    "CALLBRIDGE_AGENT_WEBHOOK_URL": ("agent", "webhook_url"),
     "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
     "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
     "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
 }
-SECRET_KEYS = {("auth", "api_token"), ("twilio", "auth_token")}
+SECRET_KEYS = {("auth", "api_token"), ("twilio", "auth_token"), ("agent", "secret")}
 
 
 def _coerce(value: Any, default: Any, key: str) -> Any:
@@ -216,6 +227,12 @@ def validate(s: Settings) -> None:
         raise bad("calls.max_call_s", s.calls.max_call_s, "must be > 0")
     if not 1 <= s.calls.max_word_chars <= 256:
         raise bad("calls.max_word_chars", s.calls.max_word_chars, "must be 1…256")
+    if s.agent.callable and s.agent.webhook_url:
+        raise bad("agent.callable", s.agent.callable, "configure either agent.callable or agent.webhook_url, not both")
+    if s.agent.callable and ":" not in s.agent.callable:
+        raise bad("agent.callable", s.agent.callable, "must look like package.module:function")
+    if s.agent.webhook_url and not s.agent.webhook_url.startswith(("https://", "http://")):
+        raise bad("agent.webhook_url", s.agent.webhook_url, "must be an http(s) URL")
     if s.calls.max_turn_chars < 1:
         raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
 

@@ -27,6 +27,7 @@ from dia2 import GenerationConfig, SamplingParams
 from dia2.stream import StreamStatus
 
 from .audio import OutboundAudio
+from .call import open_word_after
 from .tts import TurnFailed, TurnHandle, WorkerFull
 from .voices import VoiceError
 
@@ -114,7 +115,7 @@ async def stream_tts_handler(request: web.Request) -> web.WebSocketResponse:
                 continue
             requests += 1
             try:
-                await _serve_request(ws, msg, inbox, worker, voices, base, requests)
+                await _serve_request(ws, msg, inbox, worker, voices, base, requests, svc.settings.calls.max_word_chars)
             except RequestError as exc:
                 await ws.send_json({"event": "error", "message": str(exc)})
     finally:
@@ -126,13 +127,18 @@ async def stream_tts_handler(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _serve_request(ws, msg, inbox, worker, voices, base, index) -> None:  # type: ignore[no-untyped-def]
+async def _serve_request(ws, msg, inbox, worker, voices, base, index, max_word_chars) -> None:  # type: ignore[no-untyped-def]
     text = msg.get("text", "")
     if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
         raise RequestError(f"'text' must be a string of at most {MAX_TEXT_CHARS} characters")
     streaming = bool(msg.get("stream", False))
     if not streaming and not text.strip():
         raise RequestError("'text' is empty")
+    word_limit = max_word_chars
+    try:
+        open_chars = open_word_after(0, text, word_limit)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
     fmt = msg.get("format", "pcm_24k")
     if fmt not in ("pcm_24k", "mulaw_8k"):
         raise RequestError("'format' must be pcm_24k or mulaw_8k")
@@ -160,6 +166,13 @@ async def _serve_request(ws, msg, inbox, worker, voices, base, index) -> None:  
                 return
             kind = more.get("type")
             if kind == "text" and isinstance(more.get("text"), str):
+                nonlocal open_chars
+                try:
+                    open_chars = open_word_after(open_chars, more["text"], word_limit)
+                except ValueError as exc:
+                    await ws.send_json({"event": "error", "message": str(exc)})
+                    handle.cancel()
+                    return
                 handle.push_text(more["text"])
             elif kind == "close":
                 handle.close_text()

@@ -164,6 +164,12 @@ class Stream:
 
     def _route(self, entries: list[Entry]) -> None:
         for entry in entries:
+            if self._part_open and not self._staged and not self._part_has_words() and not self._fits(entry):
+                # Not even an empty part can hold it: refuse rather than start parts forever.
+                raise StreamError(
+                    f"the word {entry.text[:40]!r} ({len(entry.tokens)} tokens) cannot fit the model context; "
+                    "split it with spaces"
+                )
             if self._part_open and not self._staged and self._fits(entry):
                 push_entries(self._slot_state().text, [entry])
                 if ends_sentence(entry.text) and self._past_soft_limit():
@@ -172,6 +178,10 @@ class Stream:
                 if self._part_open:
                     self._close_part()
                 self._staged.append(entry)
+
+    def _part_has_words(self) -> bool:
+        st = self._slot_state()
+        return bool(st.text.entries or st.text.transcript or st.text.pending_tokens)
 
     def _past_soft_limit(self) -> bool:
         st = self._slot_state()

@@ -183,6 +183,12 @@ def test_a_long_turn_plays_as_parts_without_gaps(tiny_model_dir: Path, tmp_path:
     pcm = np.concatenate([f.pcm24k for f in frames])
     assert pcm.shape == (len(frames) * 1920,)
 
+    # A word that not even an empty part can hold is refused, not split into parts forever.
+    stream = runner.start(snap, GenerationConfig(seed=4))
+    with pytest.raises(StreamError, match="cannot fit the model context"):
+        stream.push_text("[S1] " + "x" * 600 + " ")
+    stream.cancel()
+
 
 def test_snapshot_errors(tiny_runtime: Dia2, snapshot: VoiceSnapshot, tmp_path: Path) -> None:
     from dia2.random_checkpoint import write_random_checkpoint
