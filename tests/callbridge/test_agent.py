@@ -41,7 +41,7 @@ async def test_a_webhook_agent_speaks_on_call_start_and_hangs_up_on_dtmf(tiny_ru
         if kind == "call_started":
             return web.json_response({"say": "Welcome, this is the agent speaking."})
         if kind == "dtmf" and body["event"]["digit"] == "9":
-            return web.json_response({"say": "Goodbye.", "hangup": True})
+            return web.json_response({"hangup": True})
         return web.Response(status=204)
 
     app = web.Application()
@@ -53,8 +53,10 @@ async def test_a_webhook_agent_speaks_on_call_start_and_hangs_up_on_dtmf(tiny_ru
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         async with running(tiny_runtime, tmp_path,
-                           agent={"webhook_url": f"http://127.0.0.1:{port}/agent", "secret": "agent-secret"}) as svc:
-            cfg = svc.sim(texts=[], dtmf=[(2.5, "9")], expect_greeting=True, linger_s=20.0)
+                           agent={"webhook_url": f"http://127.0.0.1:{port}/agent", "secret": "agent-secret"},
+                           calls={"max_calls": 10, "hangup_drain_timeout_s": 10.0}) as svc:
+            # The DTMF comes once the welcome has played; the hang-up then drains nothing.
+            cfg = svc.sim(texts=[], dtmf=[(6.0, "9")], expect_greeting=True, linger_s=20.0)
             from callbridge.simulator import simulate_call
 
             report = (await simulate_call(cfg, 0)).to_json()
