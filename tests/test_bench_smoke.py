@@ -66,3 +66,17 @@ def test_calls_quick_finds_a_capacity(tmp_path: Path) -> None:
         has_keys(step["ttfa_ms"], {"p50", "p95"}, f"step {step['calls']} ttfa_ms")
     held = [s["calls"] for s in report["steps"] if s["realtime"]]
     assert report["max_realtime_calls"] == max(held, default=0)
+
+
+def test_step_quick_measures_the_eager_baseline(tmp_path: Path) -> None:
+    report = run_bench("step.py", tmp_path / "step.json")
+    has_keys(report, {"device", "shape", "commit", "batches", "results"}, "report")
+    assert report["results"], "no step figures"
+
+
+def test_soak_quick_loses_nothing_and_leaks_nothing(tmp_path: Path) -> None:
+    """The soak's own invariants decide its exit status; the JSON must carry them at zero."""
+    report = run_bench("soak.py", tmp_path / "soak.json")
+    for key in ("lost_chunks", "reordered_chunks", "leaked_stream_slots"):
+        assert report[key] == 0, key
+    has_keys(report, {"underruns", "rss_growth_mb", "open_fds_growth"}, "report")
