@@ -621,6 +621,8 @@ async def call_text_socket(request: web.Request) -> web.WebSocketResponse:
     turn = None
     try:
         async for msg in ws:
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                break
             if msg.type is not WSMsgType.TEXT:
                 await ws.send_json({"event": "error", "message": "send JSON text messages"})
                 continue

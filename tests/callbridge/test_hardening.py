@@ -265,18 +265,22 @@ class RawCall:
         return [e for e in self.events if e.get("event") == "error"]
 
     async def close(self) -> None:
-        for ws in (self.text_ws, self.ws):
-            if ws is not None and not ws.closed:
-                with contextlib.suppress(Exception):
-                    await ws.close()
+        # Stop the readers first: closing a client socket another task is reading waits on
+        # that reader (and then on the session's 300 s default timeout).
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for ws in (self.text_ws, self.ws):
+            if ws is not None and not ws.closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(10):
+                        await ws.close()
 
 
 @contextlib.asynccontextmanager
 async def raw_call(service: Service, n: int, *, start: bool = True) -> AsyncIterator[RawCall]:
-    async with aiohttp.ClientSession() as http:
+    # Bounded: a wait on a server that is shutting down fails the test instead of hanging it.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as http:
         call = RawCall(service, http, sid("CA", n))
         try:
             await call.open(start=start)
