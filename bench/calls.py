@@ -38,8 +38,6 @@ import multiprocessing.process
 import os
 import re
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,13 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from common import git_commit, model_folder
 
 from callbridge.config import Settings
 from callbridge.simulator import CallReport, SimConfig, run_simulation, summarize_reports
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "out" / "bench-models"  # shared with bench/stream.py and bench/latency.py
-_DONE_MARK = ".complete"
 HOST = "127.0.0.1"  # the service listens here only
 PUBLIC = "https://callbridge-bench.invalid"  # what "Twilio" signs over; never contacted
 ACCOUNT_SID = "AC" + "0" * 32
@@ -82,18 +78,6 @@ class ServiceSpec:
     nice: int = 0  # added to the child's niceness (Unix)
 
 
-def _model_folder(shape: str) -> Path:
-    """The cached random checkpoint of ``shape`` (same place and marker as bench/stream.py)."""
-    from dia2.random_checkpoint import write_random_checkpoint
-
-    folder = MODELS / shape
-    if not (folder / _DONE_MARK).exists():
-        print(f"writing a random {shape} checkpoint to {folder} (once)", file=sys.stderr, flush=True)
-        write_random_checkpoint(folder, shape, seed=0)  # type: ignore[arg-type]
-        (folder / _DONE_MARK).write_text("ok\n")
-    return folder
-
-
 def serve(spec: ServiceSpec, conn: multiprocessing.connection.Connection) -> None:
     """Child process entry: run the service until the parent says stop (or goes away).
 
@@ -117,7 +101,7 @@ async def _serve(spec: ServiceSpec, conn: multiprocessing.connection.Connection)
     settings = spec.settings
     if spec.model is None:
         assert spec.shape is not None
-        settings = settings.with_(model={"model": str(_model_folder(spec.shape))})
+        settings = settings.with_(model={"model": str(model_folder(spec.shape))})
     app = build_app(settings)
     runner = web.AppRunner(app, shutdown_timeout=settings.server.shutdown_timeout_s)
     await runner.setup()  # runs cleanup_ctx: model, voices, the TTS worker and its warm-up
@@ -325,15 +309,6 @@ def format_step(r: StepResult) -> str:
             f"service {r.service_underruns if r.service_underruns is not None else '-'}), "
             f"ttfa p50/p95 {ms(r.ttfa_ms['p50'])}/{ms(r.ttfa_ms['p95'])} ms, lost/reordered {r.lost_or_reordered}, "
             f"rejected {r.rejected}, no-audio turns {r.turns_without_audio}, {r.wall_s:.1f} s{extra}")
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the checkout, or None outside a git work tree."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 # ---------------------------------------------------------------------------- main

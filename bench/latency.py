@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import importlib
 import json
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import git_commit, model_folder
 
 from callbridge.audio import OutboundAudio
 from callbridge.config import Settings
@@ -61,13 +61,10 @@ from callbridge.pacing import Pacer
 from callbridge.tts import TtsWorker, TurnHandle
 from callbridge.voices import demo_voice_prompt
 from dia2 import Dia2, GenerationConfig, SamplingParams, VoicePrompt
-from dia2.random_checkpoint import SHAPES, write_random_checkpoint
+from dia2.random_checkpoint import SHAPES
 from dia2.snapshot import VoiceSnapshot, build_snapshot
 from dia2.stream import StreamRunner
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "out" / "bench-models"  # shared with bench/stream.py: one cached checkpoint per shape
-_DONE_MARK = ".complete"  # written last, so a half-written folder is rebuilt
 #: Short turns, as an agent's first sentence would be; round-robin over the K turns of a round.
 TURN_TEXTS = ("Thanks for calling.", "One moment please.", "Your order ships today.", "How can I help?")
 PATHS = ("restored", "naive")
@@ -79,25 +76,6 @@ EAGER_SWITCH = ("dia2.graphs", "no_cuda_graphs")
 
 
 # ---------------------------------------------------------------------------- set-up
-
-
-def model_folder(shape: str) -> Path:
-    """The random checkpoint of ``shape``, written once under out/bench-models/<shape> (as bench/stream.py)."""
-    folder = MODELS / shape
-    if not (folder / _DONE_MARK).exists():
-        print(f"writing a random {shape} checkpoint to {folder} (once)", flush=True)
-        write_random_checkpoint(folder, shape, seed=0)  # type: ignore[arg-type]
-        (folder / _DONE_MARK).write_text("ok\n")
-    return folder
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the checkout, or None outside a git work tree."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def device_name(device: torch.device) -> str:

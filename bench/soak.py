@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "out" / "bench-models"
+from common import model_folder
+
 PUBLIC = "https://soak.callbridge.invalid"  # what "Twilio" signs over; never contacted
 MAX_CALL_S = 60.0
 CHILD_GRACE_S = MAX_CALL_S + 30.0  # past the deadline, the child is killed after this
@@ -171,17 +171,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _model_folder() -> Path:
-    from dia2.random_checkpoint import write_random_checkpoint
-
-    folder = MODELS / "tiny"
-    if not (folder / ".complete").exists():
-        print(f"writing a random tiny checkpoint to {folder} (once)", flush=True)
-        write_random_checkpoint(folder, "tiny", seed=0)
-        (folder / ".complete").write_text("ok\n")
-    return folder
-
-
 async def _quiet(svc: Any, timeout_s: float = 15.0) -> bool:
     """Wait until no call, no pending stream token and no TTS turn is left (bounded)."""
     deadline = time.monotonic() + timeout_s
@@ -228,7 +217,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     started = time.monotonic()
-    runtime = await asyncio.to_thread(Dia2.load, _model_folder(), device="cpu", progress=False)
+    runtime = await asyncio.to_thread(Dia2.load, model_folder("tiny"), device="cpu", progress=False)
     secrets_env = {"SOAK_TWILIO_AUTH_TOKEN": secrets.token_hex(16), "SOAK_API_TOKEN": secrets.token_hex(16),
                    "SOAK_ACCOUNT_SID": "AC" + secrets.token_hex(16)}
     port = _free_port()

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,19 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import ROOT, git_commit, make_clock, model_folder
 
 from dia2.checkpoint import load_model, pick_device_and_dtype, resolve_checkpoint
 from dia2.engine import StepEngine
 from dia2.graphs import bucket_for
 from dia2.model import Dia2Model
-from dia2.random_checkpoint import SHAPES, write_random_checkpoint
+from dia2.random_checkpoint import SHAPES
 from dia2.sampling import GenerationConfig
 from dia2.state_machine import StateRules, new_text_state
 from dia2.text import TextTokenizer, parse_script
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "out" / "bench-models"
-_DONE_MARK = ".complete"  # written last, so a half-written folder is rebuilt (as bench/stream.py)
 BATCHES = (1, 2, 4, 8, 16, 32)
 FRAME_MS = 80.0
 # Long enough that no stream runs dry in the timed window; an open text holds if it does.
@@ -58,37 +54,6 @@ class StepFigures:
     p99_ms: float
     mean_ms: float
     steps: int  # timed steps (after the dropped warm-up ones)
-
-
-def model_folder(shape: str) -> Path:
-    """The random checkpoint of ``shape``, written once under out/bench-models/<shape>."""
-    folder = MODELS / shape
-    if not (folder / _DONE_MARK).exists():
-        print(f"writing a random {shape} checkpoint to {folder} (once)", flush=True)
-        write_random_checkpoint(folder, shape, seed=0)  # type: ignore[arg-type]
-        (folder / _DONE_MARK).write_text("ok\n")
-    return folder
-
-
-def make_clock(device: torch.device) -> Callable[[], float]:
-    """``time.perf_counter`` after the device has finished its queued work."""
-
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    return now
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
 
 
 def load(shape: str, device: str) -> tuple[Dia2Model, StateRules, TextTokenizer]:

@@ -26,19 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import make_clock, model_folder
 
 from dia2 import Dia2, GenerationConfig, PromptClip, VoicePrompt
 from dia2.audio_io import synthetic_speechlike
-from dia2.random_checkpoint import SHAPES, write_random_checkpoint
+from dia2.random_checkpoint import SHAPES
 from dia2.snapshot import VoiceSnapshot, build_snapshot
 from dia2.stream import Stream, StreamRunner
 from dia2.text import WordTiming
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = ROOT / "out" / "bench-models"
 TURN_TEXT = "[S1] Thanks for calling. How can I help you today?"
 S1_SECONDS, S2_SECONDS = 4.0, 1.5
-_DONE_MARK = ".complete"  # written last, so a half-written folder is rebuilt
 
 
 @dataclass
@@ -65,27 +63,6 @@ def voice_prompt() -> VoicePrompt:
         s1=PromptClip(synthetic_speechlike(S1_SECONDS, seed=1), synthetic_words(s1, S1_SECONDS)),
         s2=PromptClip(synthetic_speechlike(S2_SECONDS, seed=2), synthetic_words(s2, S2_SECONDS)),
     )
-
-
-def model_folder(shape: str) -> Path:
-    """The random checkpoint of ``shape``, written once under out/bench-models/<shape>."""
-    folder = MODELS / shape
-    if not (folder / _DONE_MARK).exists():
-        print(f"writing a random {shape} checkpoint to {folder} (once)", flush=True)
-        write_random_checkpoint(folder, shape, seed=0)  # type: ignore[arg-type]
-        (folder / _DONE_MARK).write_text("ok\n")
-    return folder
-
-
-def make_clock(device: torch.device) -> Callable[[], float]:
-    """``time.perf_counter`` after the device has finished its queued work."""
-
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    return now
 
 
 def stream_turn(runner: StreamRunner, stream: Stream, now: Callable[[], float], t0: float,
