@@ -38,10 +38,8 @@ from callbridge.simulator import FakeTwilioRest, SimConfig, simulate_call
 from callbridge.twilio import compute_signature
 from dia2 import Dia2
 
-AUTH = "test-twilio-auth-token-0123456789"
-API = "test-api-token-abcdef"
-ACCOUNT = "AC" + "0" * 32
-PUBLIC = "https://bridge.test"
+from .test_service import ACCOUNT, API, AUTH, PUBLIC, free_port, settings_for
+
 BAD_TOKEN = 10**6  # outside any text vocabulary: the embedding lookup of its step raises
 WAIT_S = 60.0  # bound on every wait below (not a timing assertion: only a hang fails it)
 HEALTHY_TEXT = "One moment please, I am checking that for you."
@@ -50,13 +48,7 @@ HOLDING = "One moment please, "  # a streamed turn that never closes: it pads un
 pytestmark = pytest.mark.timeout(240)
 
 
-# ------------------------------------------------------------------ service fixture (as in test_service.py)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ------------------------------------------------------------------ service fixture (settings as in test_service.py)
 
 
 @dataclass
@@ -89,18 +81,6 @@ class Service:
         if not self.cleaned:
             self.cleaned = True
             await self.runner.cleanup()
-
-
-def settings_for(port: int, tmp: Path, rest_url: str, **sections: dict[str, Any]) -> Settings:
-    base = Settings().with_(
-        server={"host": "127.0.0.1", "port": port, "public_base_url": PUBLIC, "shutdown_timeout_s": 1.0},
-        auth={"enabled": True, "api_token": API},
-        twilio={"auth_token": AUTH, "account_sid": ACCOUNT, "api_base_url": rest_url, "start_timeout_s": 2.0},
-        voices={"dir": str(tmp / "voices")},
-        tts={"max_streams": 10},
-        calls={"max_calls": 10, "hangup_drain_timeout_s": 1.0},
-    )
-    return base.with_(**sections) if sections else base
 
 
 @contextlib.asynccontextmanager
