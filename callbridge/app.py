@@ -20,7 +20,6 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -790,7 +789,3 @@ async def _close_sockets(app: web.Application) -> None:
     close_s = svc.settings.audio.send_timeout_s
     await asyncio.gather(*(close_socket(ws, None, WSCloseCode.GOING_AWAY, "server shutdown", close_s)
                            for ws in list(svc.sockets)), return_exceptions=True)
-
-
-def voices_dir(settings: Settings) -> Path:
-    return Path(settings.voices.dir)

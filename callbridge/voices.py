@@ -8,7 +8,6 @@ built from generated audio so the demo and the tests need no set-up.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,13 +101,3 @@ class VoiceRegistry:
                 "(random model; it is not a real voice) ***")
             voices[default] = Voice(default, build_snapshot(runtime, demo_voice_prompt()), None)
         return cls(voices, default)
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST_FILE
-    if not path.exists():
-        raise VoiceError(f"{folder}: no {MANIFEST_FILE}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise VoiceError(f"{path}: not valid JSON ({exc})") from None

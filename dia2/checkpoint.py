@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = os.environ.get("DIA2_ASSET_MANIFEST", "dia2_assets.json")
 DEFAULT_MIMI = "kyutai/mimi"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)

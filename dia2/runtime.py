@@ -26,7 +26,6 @@ from .text import TextTokenizer, WordTiming, parse_script, prompt_entries
 
 log = logging.getLogger(__name__)
 
-FLUSH_PADDING = 6  # max_padding frames of tail after the end marker (dia2-format.md §6.4)
 
 
 @dataclass(frozen=True)
@@ -116,6 +115,11 @@ class Dia2:
     def frame_rate(self) -> float:
         return self.codec.frame_rate
 
+    @property
+    def flush_steps(self) -> int:
+        """Steps a stream runs after its end marker: max delay + max padding (dia2-format.md §6.4)."""
+        return self.config.data.max_delay + self.rules().max_padding
+
     def rules(self, initial_padding: int = 2) -> StateRules:
         return StateRules.from_config(self.config.data, self.token_ids, initial_padding=initial_padding)
 
@@ -138,7 +142,7 @@ class Dia2:
 
     def min_steps(self, entries: list[Entry], initial_padding: int) -> int:
         """A lower bound on the steps a script needs (each word takes at least tokens + 1 steps)."""
-        steps = initial_padding + self.config.data.max_delay + FLUSH_PADDING
+        steps = initial_padding + self.flush_steps
         for e in entries:
             steps += e.padding if e.is_pause else len(e.tokens) + 1
         return steps
@@ -189,7 +193,7 @@ class Dia2:
         """Teacher-force the prompt in ``slot``; returns its state and its aligned codes [K, P]."""
         codes, entries, steps = self.prompt_plan(prompt)
         p = codes.shape[1]
-        room = self.config.runtime.max_context_steps - p - self.config.data.max_delay - FLUSH_PADDING
+        room = self.config.runtime.max_context_steps - p - self.flush_steps
         if room < 1:
             raise PromptError(
                 f"prompt is {p / self.frame_rate:.1f} s ({p} frames): too long for the "
