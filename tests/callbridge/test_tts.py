@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -207,7 +206,7 @@ async def test_stop_during_a_turn_ends_it_cleanly(tiny_snapshot: VoiceSnapshot, 
         await worker.open_turn(tiny_snapshot, GenerationConfig(), turn_id="late", text=OTHER, close=True)
 
 
-async def test_the_event_loop_is_never_blocked_while_a_turn_generates(
+async def test_model_steps_never_run_on_the_event_loop_thread(
     tiny_snapshot: VoiceSnapshot, make_worker: MakeWorker
 ) -> None:
     worker = await make_worker(max_streams=1)
@@ -223,26 +222,11 @@ async def test_the_event_loop_is_never_blocked_while_a_turn_generates(
         runner.step = step  # type: ignore[method-assign]
 
     await worker.call(spy)
-    gaps: list[float] = []
-    stop = asyncio.Event()
-
-    async def heartbeat() -> None:
-        last = time.monotonic()
-        while not stop.is_set():
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    beat = asyncio.create_task(heartbeat())
     handle = await worker.open_turn(tiny_snapshot, GenerationConfig(seed=4), turn_id="t", text=TURN, close=True)
     frames = await collect(handle)
-    stop.set()
-    await beat
     assert frames and handle.status is StreamStatus.DONE
-    # Structural: every step ran on the worker's thread, never on the loop's.
+    # Structural (no wall-clock bound): every step ran on the worker's thread, never on the loop's.
     assert step_threads and threading.get_ident() not in step_threads
-    assert len(gaps) > 5 and max(gaps) < 0.5  # loose: the loop kept ticking during generation
 
 
 def test_runner_retries_a_failed_batch_stream_by_stream(tiny_runtime: Dia2, tiny_snapshot: VoiceSnapshot) -> None:
