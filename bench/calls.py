@@ -1,7 +1,7 @@
 """How many simultaneous calls one service keeps in real time: simulated Twilio calls on loopback.
 
 The real service (``build_app``: webhook, media streams, the TTS worker thread, pacing) runs in
-a child process; the simulator (``callbridge.simulator``, acting as Twilio and modelling its
+a child process; the simulator (``callbridge.sim``, acting as Twilio and modelling its
 playback queue) runs in this one. Two processes, two event loops: a simulator starved by the
 service's loop (or the other way round) would fake underruns that a real call never sees.
 The simulator stamps media when its loop reads them, so it must not be starved of CPU either:
@@ -49,7 +49,7 @@ import aiohttp
 from common import git_commit, model_folder
 
 from callbridge.config import Settings
-from callbridge.simulator import CallReport, SimConfig, run_simulation, summarize_reports
+from callbridge.sim import CallReport, SimConfig, run_simulation, summarize_reports
 
 HOST = "127.0.0.1"  # the service listens here only
 PUBLIC = "https://callbridge-bench.invalid"  # what "Twilio" signs over; never contacted
@@ -96,7 +96,8 @@ def serve(spec: ServiceSpec, conn: multiprocessing.connection.Connection) -> Non
 async def _serve(spec: ServiceSpec, conn: multiprocessing.connection.Connection) -> None:
     from aiohttp import web
 
-    from callbridge.app import SERVICES, build_app  # torch is imported here, in the child only
+    from callbridge.web.app import build_app  # torch is imported here, in the child only
+    from callbridge.web.services import SERVICES
 
     settings = spec.settings
     if spec.model is None:

@@ -56,8 +56,8 @@ import torch
 from common import git_commit, model_folder
 
 from callbridge.audio import OutboundAudio
+from callbridge.audio.pacing import Pacer
 from callbridge.config import Settings
-from callbridge.pacing import Pacer
 from callbridge.tts import TtsWorker, TurnHandle
 from callbridge.voices import demo_voice_prompt
 from dia2 import Dia2, GenerationConfig, SamplingParams, VoicePrompt

@@ -100,7 +100,7 @@ def _install_media_tap(digests: dict[str, list[int]]) -> None:
 async def _child_main(args: argparse.Namespace) -> None:
     import logging
 
-    from callbridge.simulator import SimConfig, simulate_call
+    from callbridge.sim import SimConfig, simulate_call
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     digests: dict[str, list[int]] = {}
@@ -210,9 +210,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     from aiohttp import web
 
-    from callbridge.app import SERVICES, build_app
-    from callbridge.call import Call
+    from callbridge.calls.call import Call
     from callbridge.config import Settings
+    from callbridge.web.app import build_app
+    from callbridge.web.services import SERVICES
     from dia2 import Dia2
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")

@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from dia2.errors import Dia2Error
+from dia2 import Dia2Error
 
 from .config import Settings, SettingsError, load_settings
 
@@ -51,7 +51,7 @@ async def _serve(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM; then drain live calls *before* aiohttp stops reading sockets."""
     from aiohttp import web
 
-    from .app import build_app, drain_calls
+    from .web.app import build_app, drain_calls
 
     app = build_app(settings, say=_say)
     runner = web.AppRunner(app, shutdown_timeout=settings.server.shutdown_timeout_s)
@@ -82,8 +82,8 @@ async def run_demo(args: argparse.Namespace) -> int:
     """Start the service in-process, place one simulated call, write the WAV and the report."""
     from aiohttp import web
 
-    from .app import build_app
-    from .simulator import FakeTwilioRest, SimConfig, run_simulation
+    from .sim import FakeTwilioRest, SimConfig, run_simulation
+    from .web.app import build_app
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -157,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # simulate and voice own their argument parsing.
     if argv[:1] == ["simulate"]:
-        from .simulator import main_simulate
+        from .sim import main_simulate
 
         _setup_logging("WARNING")
         return main_simulate(argv[1:])
     if argv[:1] == ["voice"]:
-        from .voice_cli import main_voice
+        from .voices.cli import main_voice
 
         _setup_logging("INFO")
         return main_voice(argv[1:])

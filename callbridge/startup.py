@@ -6,8 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from dia2 import Dia2
-from dia2.random_checkpoint import is_random_checkpoint, write_random_checkpoint
+from dia2 import Dia2, is_random_checkpoint, write_random_checkpoint
 
 from .config import Settings, SettingsError
 from .voices import VoiceRegistry

@@ -46,10 +46,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from dia2.runtime import Dia2
-from dia2.sampling import GenerationConfig
-from dia2.snapshot import VoiceSnapshot
-from dia2.stream import AudioFrame, Stream, StreamRunner, StreamStatus
+from dia2 import AudioFrame, Dia2, GenerationConfig, Stream, StreamRunner, StreamStatus, VoiceSnapshot
 
 log = logging.getLogger(__name__)
 

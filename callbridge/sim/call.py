@@ -1,5 +1,5 @@
 """One simulated call, start to report (:func:`simulate_call`), and many at once
-(:func:`run_simulation`). The steps are listed in :mod:`callbridge.simulator`."""
+(:func:`run_simulation`). The steps are listed in :mod:`callbridge.sim`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .report import CallReport, TurnStats, _ms, summarize, summarize_reports
 from .rest import FakeTwilioRest
 from .wire import TwimlAnswer, parse_twiml, validate_service_message
 
-log = logging.getLogger("callbridge.simulator")  # the name it logged under before the split
+log = logging.getLogger("callbridge.sim")
 
 MIN_GAP_SAMPLES = 8  # a dry queue shorter than 1 ms is clock rounding, not an underrun
 MAX_ERRORS_KEPT = 200  # protocol_errors keeps this many strings; the rest are only counted

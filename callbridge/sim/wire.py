@@ -1,5 +1,5 @@
 """What the service says to "Twilio", checked as Twilio would: the webhook's TwiML and the
-media socket's messages. Written from the docs, never from ``callbridge.twilio``."""
+media socket's messages. Written from the docs, never from ``callbridge.transports.twilio``."""
 
 from __future__ import annotations
 

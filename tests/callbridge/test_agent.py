@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from callbridge.agent import AgentReply, CallableAgent, load_agent
+from callbridge.calls.agent import AgentReply, CallableAgent, load_agent
 from dia2 import Dia2
 
 from .test_service import running
@@ -57,7 +57,7 @@ async def test_a_webhook_agent_speaks_on_call_start_and_hangs_up_on_dtmf(tiny_ru
                            calls={"max_calls": 10, "hangup_drain_timeout_s": 10.0}) as svc:
             # The DTMF comes once the welcome has played; the hang-up then drains nothing.
             cfg = svc.sim(texts=[], dtmf=[(6.0, "9")], expect_greeting=True, linger_s=20.0)
-            from callbridge.simulator import simulate_call
+            from callbridge.sim import simulate_call
 
             report = (await simulate_call(cfg, 0)).to_json()
     finally:

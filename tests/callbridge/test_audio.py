@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from callbridge import audio
 from callbridge.audio import (
     CHUNK_BYTES,
     InboundAudio,
     OutboundAudio,
+    g711,
     pcm16_to_ulaw,
     pcm16_to_ulaw_numpy,
     ulaw_to_pcm16,
@@ -57,7 +57,7 @@ def test_public_codec_equals_the_numpy_one() -> None:
 
 def test_codec_without_audioop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Python 3.13 without audioop-lts: the numpy tables take over, with the same bytes."""
-    monkeypatch.setattr(audio, "_audioop", None)
+    monkeypatch.setattr(g711, "_audioop", None)
     assert pcm16_to_ulaw(ALL_PCM16) == audioop.lin2ulaw(ALL_PCM16.tobytes(), 2)
     assert ulaw_to_pcm16(ALL_ULAW).tobytes() == audioop.ulaw2lin(ALL_ULAW, 2)
 

@@ -23,12 +23,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callbridge.app import redact_url
 from callbridge.audio import CHUNK_BYTES, InboundAudio, OutboundAudio, pcm16_to_ulaw, ulaw_to_pcm16
-from callbridge.call import Call, CallState, TurnRejected
+from callbridge.audio.vad import BargeInDetector
+from callbridge.calls.call import Call, CallState, TurnRejected
 from callbridge.config import Settings
 from callbridge.metrics import Metrics
-from callbridge.twilio import (
+from callbridge.transports.twilio import (
     Event,
     MediaStreamProtocol,
     ProtocolError,
@@ -39,7 +39,7 @@ from callbridge.twilio import (
     public_url,
     validate_signature,
 )
-from callbridge.vad import BargeInDetector
+from callbridge.web.services import redact_url
 from dia2.text import normalize_text
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

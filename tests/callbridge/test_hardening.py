@@ -31,11 +31,12 @@ import pytest
 import soundfile as sf
 from aiohttp import web
 
-from callbridge.app import SERVICES, Services, build_app, drain_calls, redact_url
-from callbridge.call import FALLBACK_SILENCE_MS, TurnRejected, load_fallback_audio
+from callbridge.calls.call import FALLBACK_SILENCE_MS, TurnRejected, load_fallback_audio
 from callbridge.config import Settings, SettingsError
-from callbridge.simulator import FakeTwilioRest, SimConfig, simulate_call
-from callbridge.twilio import compute_signature
+from callbridge.sim import FakeTwilioRest, SimConfig, simulate_call
+from callbridge.transports.twilio import compute_signature
+from callbridge.web.app import build_app, drain_calls
+from callbridge.web.services import SERVICES, Services, redact_url
 from dia2 import Dia2
 
 from .test_service import ACCOUNT, API, AUTH, PUBLIC, free_port, settings_for

@@ -1,4 +1,4 @@
-"""callbridge.pacing: absolute deadlines with a bounded lead, on a fake clock (no timed asserts)."""
+"""callbridge.audio.pacing: absolute deadlines with a bounded lead, on a fake clock (no timed asserts)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from callbridge.pacing import Pacer
+from callbridge.audio.pacing import Pacer
 
 CHUNK_S = 0.020
 

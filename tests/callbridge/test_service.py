@@ -14,10 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from callbridge.app import SERVICES, build_app
 from callbridge.config import Settings
-from callbridge.simulator import FakeTwilioRest, SimConfig, run_simulation, simulate_call
-from callbridge.twilio import compute_signature
+from callbridge.sim import FakeTwilioRest, SimConfig, run_simulation, simulate_call
+from callbridge.transports.twilio import compute_signature
+from callbridge.web.app import build_app
+from callbridge.web.services import SERVICES
 from dia2 import Dia2
 
 AUTH = "test-twilio-auth-token-0123456789"
@@ -334,7 +335,7 @@ async def test_plain_tts_socket(service: Service) -> None:
 
 def test_old_generation_marks_are_not_heard() -> None:
     """After a clear, Twilio echoes every pending mark: those audio chunks were dropped, not heard."""
-    from callbridge.call import Call, CallState, SentMark, Turn, TurnState
+    from callbridge.calls.call import Call, CallState, SentMark, Turn, TurnState
     from callbridge.metrics import Metrics
 
     async def send(_: str) -> None:

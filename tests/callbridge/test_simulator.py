@@ -23,7 +23,7 @@ from aiohttp import web
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
-from callbridge.simulator import (
+from callbridge.sim import (
     CallReport,
     FakeTwilioRest,
     PlayoutQueue,

@@ -1,4 +1,4 @@
-"""callbridge.twilio as sans-I/O: JSON in, events out, messages back; TwiML; signatures."""
+"""callbridge.transports.twilio as sans-I/O: JSON in, events out, messages back; TwiML; signatures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callbridge.twilio import (
+from callbridge.transports.twilio import (
     ERROR_CODES,
     HMAC_SHA256,
     Connected,

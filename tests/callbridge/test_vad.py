@@ -1,4 +1,4 @@
-"""callbridge.vad: barge-in fires on sustained voice, never on silence or short bursts.
+"""callbridge.audio.vad: barge-in fires on sustained voice, never on silence or short bursts.
 
 The "speech" is synthetic, made with numpy only: a ~150 Hz glottal-like harmonic series
 shaped by three formants, with vibrato and a 4 Hz syllable-rate amplitude modulation.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from callbridge.audio import pcm16_to_ulaw, ulaw_to_pcm16
-from callbridge.vad import BargeInDetector
+from callbridge.audio.vad import BargeInDetector
 
 RATE = 8000
 FRAME = 160  # 20 ms

@@ -21,8 +21,9 @@ import soxr
 import torch
 from safetensors.torch import load_file
 
-from callbridge import voice_build
-from callbridge.voice_build import (
+from callbridge.voices import MANIFEST_FILE, SNAPSHOT_FILE, VoiceError, VoiceRegistry
+from callbridge.voices import build as voice_build
+from callbridge.voices.build import (
     PROMPT_FILE,
     S2_FILE,
     S2_WORDS_FILE,
@@ -40,8 +41,7 @@ from callbridge.voice_build import (
     tidy_words,
     transcribe_with,
 )
-from callbridge.voice_cli import main_voice
-from callbridge.voices import MANIFEST_FILE, SNAPSHOT_FILE, VoiceError, VoiceRegistry
+from callbridge.voices.cli import main_voice
 from dia2 import Dia2
 from dia2.audio_io import synthetic_speechlike
 from dia2.random_checkpoint import write_random_checkpoint

@@ -12,8 +12,8 @@ The pieces are plain functions so each can be tested alone: :func:`check_prompt_
 (openai-whisper word timestamps, imported lazily), :func:`read_words_file`,
 :func:`write_voice_folder`, :func:`build_voice` and :func:`rebuild_all`.
 
-The audio checks live in :mod:`callbridge.voice_audio`, words files and Whisper in
-:mod:`callbridge.voice_words`; this module builds, writes and rebuilds voice folders and
+The audio checks live in :mod:`callbridge.voices.prompt_audio`, words files and Whisper in
+:mod:`callbridge.voices.words`; this module builds, writes and rebuilds voice folders and
 re-exports the names its callers import from it.
 """
 
@@ -30,12 +30,20 @@ from typing import Any, cast
 
 import numpy as np
 
-from dia2 import Dia2, PromptClip, VoicePrompt
-from dia2.errors import Dia2Error
-from dia2.snapshot import LAYOUTS, Layout, VoiceSnapshot, build_snapshot, identity_of
-from dia2.text import WordTiming
+from dia2 import (
+    LAYOUTS,
+    Dia2,
+    Dia2Error,
+    Layout,
+    PromptClip,
+    VoicePrompt,
+    VoiceSnapshot,
+    WordTiming,
+    build_snapshot,
+    identity_of,
+)
 
-from .voice_audio import (
+from .prompt_audio import (
     S1_LIMITS,
     S2_LIMITS,
     SAMPLE_RATE,
@@ -44,8 +52,9 @@ from .voice_audio import (
     prepare_prompt_audio,
     read_source_audio,
 )
-from .voice_audio import check_prompt_audio as check_prompt_audio
-from .voice_words import (
+from .prompt_audio import check_prompt_audio as check_prompt_audio
+from .registry import MANIFEST_FILE, SNAPSHOT_FILE
+from .words import (
     DEFAULT_LANGUAGE,
     DEFAULT_WHISPER_MODEL,
     Transcript,
@@ -56,7 +65,6 @@ from .voice_words import (
     transcribe_with,
     words_to_json,
 )
-from .voices import MANIFEST_FILE, SNAPSHOT_FILE
 
 Say = Callable[[str], None]
 
@@ -380,7 +388,7 @@ def write_voice_folder(voices_dir: Path, voice: PreparedVoice, runtime: Dia2, *,
 
     Everything is written to a hidden staging folder first and swapped in at the end, so a
     failed build leaves an existing voice of that name as it was."""
-    from dia2.audio_io import write_wav
+    from dia2 import write_wav
 
     voices_dir.mkdir(parents=True, exist_ok=True)
     final = voices_dir / voice.name

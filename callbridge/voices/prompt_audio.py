@@ -3,7 +3,7 @@
 :func:`prepare_prompt_audio` mixes to mono, resamples to 24 kHz, refuses what cannot make a
 voice (silent, too short or long, too low a rate), trims silence, sets the level and warns
 about clipping and a second speaker (:func:`phrase_pitches`). :class:`VoiceBuildError`, the
-one error of voice building, lives here at the bottom; ``callbridge.voice_build`` re-exports it.
+one error of voice building, lives here at the bottom; ``callbridge.voices.build`` re-exports it.
 """
 
 from __future__ import annotations

@@ -13,11 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dia2 import Dia2, PromptClip, VoicePrompt
-from dia2.audio_io import synthetic_speechlike
-from dia2.errors import Dia2Error
-from dia2.snapshot import VoiceSnapshot, build_snapshot, load_snapshot
-from dia2.text import WordTiming
+from dia2 import (
+    Dia2,
+    Dia2Error,
+    PromptClip,
+    VoicePrompt,
+    VoiceSnapshot,
+    WordTiming,
+    build_snapshot,
+    load_snapshot,
+    synthetic_speechlike,
+)
 
 log = logging.getLogger(__name__)
 

@@ -38,14 +38,12 @@ import numpy as np
 
 from dia2 import GenerationConfig, SamplingParams
 
-from .audio import InboundAudio, OutboundAudio
-from .config import Settings, SettingsError
-from .metrics import Metrics
-from .pacing import Pacer
-from .tts import Reservation, TtsWorker, TurnFailed, TurnHandle, WorkerClosed, WorkerFull
-from .twilio import Dtmf, Mark, Media, MediaStreamProtocol, Start, Stop
-from .vad import BargeInDetector
-from .voices import Voice
+from ..audio import BargeInDetector, InboundAudio, OutboundAudio, Pacer
+from ..config import Settings, SettingsError
+from ..metrics import Metrics
+from ..transports.twilio import Dtmf, Mark, Media, MediaStreamProtocol, Start, Stop
+from ..tts import Reservation, TtsWorker, TurnFailed, TurnHandle, WorkerClosed, WorkerFull
+from ..voices import Voice
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +68,7 @@ def load_fallback_audio(path: str) -> bytes:
     import soundfile as sf
     import soxr
 
-    from .audio import pcm16_to_ulaw
+    from ..audio import pcm16_to_ulaw
 
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
@@ -686,7 +684,7 @@ class Call:
         self._recent_chunks.clear()
         if ms <= 0 or behind < 1 or behind > len(recent):
             return
-        from .audio import pcm16_to_ulaw, ulaw_to_pcm16
+        from ..audio import pcm16_to_ulaw, ulaw_to_pcm16
 
         playing = ulaw_to_pcm16(recent[-behind]).astype(np.float32)
         n = min(len(playing), ms * 8)

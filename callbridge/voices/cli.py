@@ -12,12 +12,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from dia2 import Dia2
-from dia2.errors import Dia2Error
-from dia2.text import FRAME_RATE_HZ
+from dia2 import FRAME_RATE_HZ, Dia2, Dia2Error
 
-from .config import Settings, SettingsError, load_settings
-from .voice_build import (
+from ..config import Settings, SettingsError, load_settings
+from .build import (
     DEFAULT_LANGUAGE,
     DEFAULT_WHISPER_MODEL,
     PROMPT_FILE,
@@ -30,7 +28,7 @@ from .voice_build import (
     voice_folders,
     write_voice_folder,
 )
-from .voices import MANIFEST_FILE, SNAPSHOT_FILE, VoiceError
+from .registry import MANIFEST_FILE, SNAPSHOT_FILE, VoiceError
 
 USAGE = """\
 callbridge voice build NAME --audio FILE [--words words.json] [--whisper-model NAME_OR_PATH]
@@ -114,7 +112,7 @@ def _model_label(settings: Settings) -> str:
 
 
 def _load_runtime(args: argparse.Namespace, settings: Settings) -> Dia2:
-    from .startup import resolve_model
+    from ..startup import resolve_model
 
     source = resolve_model(settings, _say)
     m = settings.model
@@ -182,9 +180,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _model_match(m: VoiceManifest, source: str) -> str:
     """Whether the voice fits ``source`` by weights file and config, without loading the model."""
-    from dia2.checkpoint import resolve_checkpoint
-    from dia2.config import load_config
-    from dia2.snapshot import weights_identity
+    from dia2 import load_config, resolve_checkpoint, weights_identity
 
     path = Path(source).expanduser()
     if not path.is_dir():
@@ -217,7 +213,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(m.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    from .startup import RANDOM_TINY, resolve_model
+    from ..startup import RANDOM_TINY, resolve_model
 
     configured = settings.model.model
     # The random model is written on first use; do that quietly rather than print its banner here.

@@ -3,7 +3,7 @@
 :func:`read_words_file`, :func:`shift_words` (source timings into the trimmed clip) and
 :func:`tidy_words` (speaker marks and punctuation out), then :func:`load_whisper` and
 :func:`transcribe_with` (openai-whisper word timestamps on CPU, imported lazily);
-``callbridge.voice_build.transcribe`` loads a model and transcribes in one call.
+``callbridge.voices.build.transcribe`` loads a model and transcribes in one call.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from dia2.text import WordTiming
+from dia2 import WordTiming
 
-from .voice_audio import SAMPLE_RATE, PreparedAudio, VoiceBuildError
+from .prompt_audio import SAMPLE_RATE, PreparedAudio, VoiceBuildError
 
 WHISPER_RATE = 16000  # what openai-whisper's log-mel front end expects
 

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from dia2 import GenerationConfig, SamplingParams
-from dia2.stream import StreamStatus
+from dia2 import GenerationConfig, SamplingParams, StreamStatus
 
-from .audio import OutboundAudio
-from .call import open_word_after
-from .tts import TurnFailed, TurnHandle, WorkerFull
-from .voices import VoiceError
+from ..audio import OutboundAudio
+from ..calls.call import open_word_after
+from ..tts import TurnFailed, TurnHandle, WorkerFull
+from ..voices import VoiceError
+from .services import SERVICES, check_api_token
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ def _encode(pcm24k: np.ndarray, fmt: str, outbound: OutboundAudio | None) -> byt
 
 
 async def stream_tts_handler(request: web.Request) -> web.WebSocketResponse:
-    from .app import SERVICES, check_api_token
 
     check_api_token(request)
     svc = request.app[SERVICES]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .config import TwilioSettings
+from ...config import TwilioSettings
 
 log = logging.getLogger(__name__)
 

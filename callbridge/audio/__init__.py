@@ -1,0 +1,36 @@
+"""Audio for the phone line: G.711 and framing, TTS↔line conversion, pacing, voice activity.
+
+Stateless of calls: every stateful object here (a converter, a pacer, a detector) is built
+once per call and direction and never shared.
+"""
+
+from .convert import TTS_RATE, InboundAudio, OutboundAudio, Quality
+from .g711 import (
+    CHUNK_BYTES,
+    CHUNK_MS,
+    LINE_RATE,
+    ULAW_SILENCE,
+    pcm16_to_ulaw,
+    pcm16_to_ulaw_numpy,
+    ulaw_to_pcm16,
+    ulaw_to_pcm16_numpy,
+)
+from .pacing import Pacer
+from .vad import BargeInDetector
+
+__all__ = [
+    "CHUNK_BYTES",
+    "CHUNK_MS",
+    "LINE_RATE",
+    "TTS_RATE",
+    "ULAW_SILENCE",
+    "BargeInDetector",
+    "InboundAudio",
+    "OutboundAudio",
+    "Pacer",
+    "Quality",
+    "pcm16_to_ulaw",
+    "pcm16_to_ulaw_numpy",
+    "ulaw_to_pcm16",
+    "ulaw_to_pcm16_numpy",
+]

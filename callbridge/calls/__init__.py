@@ -1,0 +1,1 @@
+"""The carrier-neutral call: lifecycle, turn queue, playout with pacing and marks, barge-in, agent hook."""

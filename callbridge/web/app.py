@@ -1,0 +1,151 @@
+"""The aiohttp application: routes, start-up (model, voices, TTS worker) and shutdown, health, metrics.
+
+App-wide objects hang on the app under typed keys (:mod:`.services`) and live in
+``cleanup_ctx``: the Dia2 runtime, the TTS worker (its own thread), the voice registry, the
+call registry, the one-time stream tokens and the metrics. Twilio's routes are in
+:mod:`.twilio_routes`, the control API in :mod:`.control` and :mod:`.text_socket`, the plain
+TTS socket in :mod:`.tts_socket`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+
+from dia2 import Dia2
+
+from ..calls.agent import Agent, load_agent
+from ..calls.call import CallState, load_fallback_audio
+from ..config import Settings
+from ..metrics import Metrics
+from ..tts import TtsWorker
+from .control import delete_turn, get_call, list_calls, post_hangup, post_interrupt, post_turn
+from .services import AGENT, SERVICES, Services, _install_log_redaction, services
+from .stream_tokens import StreamTokens
+from .text_socket import call_text_socket
+from .tts_socket import stream_tts_handler
+from .twilio_routes import STREAM_PATH, close_socket, twilio_stream, twilio_stream_status, twilio_voice
+
+log = logging.getLogger(__name__)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    svc = services(request)
+    body = {
+        "status": "ok" if svc.ready else "starting",
+        "calls": len(svc.calls),
+        "tts_streams_active": svc.worker.active if svc.worker else 0,
+        "tts_capacity": svc.worker.capacity if svc.worker else 0,
+        "voices": svc.voices.names() if svc.voices else [],
+    }
+    return web.json_response(body, status=200 if svc.ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    svc = services(request)
+    if svc.worker is not None:
+        svc.metrics.tts_streams_active.set(svc.worker.active)
+    return web.Response(body=svc.metrics.render(), content_type="text/plain")
+
+
+def build_app(
+    settings: Settings, *, runtime: Dia2 | None = None, say: Any = None, agent: Agent | None = None
+) -> web.Application:
+    """The service. ``runtime`` may be given (tests share one); else it is loaded at start-up.
+    ``agent``: an in-process agent hook (else the ``[agent]`` settings decide)."""
+    _install_log_redaction()
+    app = web.Application(client_max_size=256 * 1024)
+    if agent is not None:
+        app[AGENT] = agent
+    app[SERVICES] = Services(settings=settings, metrics=Metrics(),
+                             tokens=StreamTokens(settings.twilio.stream_token_ttl_s))
+    app.router.add_post("/twilio/voice", twilio_voice)
+    app.router.add_post("/twilio/stream-status", twilio_stream_status)
+    app.router.add_get(STREAM_PATH + "{token}", twilio_stream)
+    app.router.add_get("/calls", list_calls)
+    app.router.add_get("/calls/{call_sid}", get_call)
+    app.router.add_post("/calls/{call_sid}/turns", post_turn)
+    app.router.add_delete("/calls/{call_sid}/turns/{turn_id}", delete_turn)
+    app.router.add_post("/calls/{call_sid}/interrupt", post_interrupt)
+    app.router.add_post("/calls/{call_sid}/hangup", post_hangup)
+    app.router.add_get("/calls/{call_sid}/text", call_text_socket)
+    app.router.add_get("/ws/stream_tts", stream_tts_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.cleanup_ctx.append(_tts_context(runtime, say))
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def]
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        from ..startup import load_runtime_and_voices
+
+        svc = app[SERVICES]
+        loop = asyncio.get_running_loop()
+        # Model loading and the voice snapshot are heavy: keep them off the event loop.
+        svc.fallback_ulaw8k = await loop.run_in_executor(None, load_fallback_audio, svc.settings.calls.fallback_audio)
+        svc.runtime, svc.voices = await loop.run_in_executor(
+            None, load_runtime_and_voices, svc.settings, runtime, say
+        )
+        svc.worker = TtsWorker(svc.runtime, svc.settings.tts.max_streams)
+        await loop.run_in_executor(None, svc.worker.start)
+        a = svc.settings.agent
+        svc.agent = app.get(AGENT) or load_agent(a.callable, a.webhook_url, a.secret, a.timeout_s)
+        svc.ready = True
+        try:
+            yield
+        finally:
+            svc.ready = False
+            for call in list(svc.calls.values()):
+                await call.end("shutdown")
+            await svc.worker.stop()
+            if svc.agent is not None:
+                await svc.agent.close()
+
+    return context
+
+
+async def drain_calls(app: web.Application, timeout_s: float | None = None) -> None:
+    """Graceful shutdown, first half: run it *before* ``AppRunner.cleanup()`` (on SIGTERM).
+
+    No new call is admitted (``/healthz`` answers 503) and live calls take no new turns
+    (409); queued turns play out until their marks echo, for up to ``timeout_s`` (default
+    ``server.shutdown_timeout_s``); then every call ends and its socket closes with
+    GOING_AWAY (1001). It must run while the sockets are still read: ``cleanup()`` first makes
+    aiohttp ignore all incoming data (``Server.pre_shutdown``), so echoes would never arrive.
+    """
+    svc = app[SERVICES]
+    svc.ready = False
+    svc.shutting_down = True
+    timeout = svc.settings.server.shutdown_timeout_s if timeout_s is None else timeout_s
+    calls = list(svc.calls.values())
+    for call in calls:
+        if call.state is CallState.ACTIVE:
+            call.state = CallState.ENDING  # new turns get 409; queued ones still play
+    await asyncio.gather(*(c.drain(timeout) for c in calls), return_exceptions=True)
+    # Ending a call closes its media socket with 1001 (see twilio_stream).
+    await asyncio.gather(*(c.end("shutdown") for c in calls), return_exceptions=True)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """on_shutdown: calls still open (no :func:`drain_calls` before) send what they have queued,
+    for up to ``server.shutdown_timeout_s`` (aiohttp reads nothing any more, so no echo can
+    come), then end; every socket closes with GOING_AWAY (1001), each close bounded so a
+    stalled peer cannot hold shutdown up."""
+    svc = app[SERVICES]
+    svc.ready = False
+    svc.shutting_down = True
+    calls = [c for c in svc.calls.values() if c.state is not CallState.ENDED]
+    for call in calls:
+        if call.state is CallState.ACTIVE:
+            call.state = CallState.ENDING
+    timeout = svc.settings.server.shutdown_timeout_s
+    await asyncio.gather(*(c.drain(timeout, heard=False) for c in calls), return_exceptions=True)
+    await asyncio.gather(*(c.end("shutdown") for c in calls), return_exceptions=True)
+    close_s = svc.settings.audio.send_timeout_s
+    await asyncio.gather(*(close_socket(ws, None, WSCloseCode.GOING_AWAY, "server shutdown", close_s)
+                           for ws in list(svc.sockets)), return_exceptions=True)

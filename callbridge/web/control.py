@@ -1,0 +1,108 @@
+"""The control API over HTTP: list and inspect calls, queue and cancel turns, interrupt, hang up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from dia2 import normalize_text
+
+from ..calls.call import Call, CallState, TurnRejected
+from .services import SERVICES, JsonError, _get_call, check_api_token, services
+
+log = logging.getLogger(__name__)
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    check_api_token(request)
+    return web.json_response({"calls": [c.view() for c in services(request).calls.values()]})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    check_api_token(request)
+    return web.json_response(_get_call(request).view())
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > 256 * 1024:
+        raise JsonError(413, "body too large")
+    try:
+        body = await request.json()
+    except ValueError:
+        raise JsonError(400, "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise JsonError(400, "body must be a JSON object")
+    return body
+
+
+def _turn_text(text: object) -> str:
+    """A whole turn's text, or :class:`TurnRejected` (400).
+
+    Control, format and surrogate characters are dropped later by the TTS front end
+    (``dia2.text.normalize_text``); a text with nothing left to speak after that is refused
+    here instead of failing on the worker. Any script is accepted (the tokenizer is
+    byte-level); markup errors such as ``[S3]`` fail the turn on the worker (a ``failed``
+    turn, the fallback plays, the call goes on).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise TurnRejected(400, "'text' must be a non-empty string")
+    if not normalize_text(text):
+        raise TurnRejected(400, "'text' has nothing to speak once control and format characters are removed")
+    return text
+
+
+async def post_turn(request: web.Request) -> web.Response:
+    check_api_token(request)
+    call = _get_call(request)
+    body = await _read_json(request)
+    interrupt = body.get("interrupt", False)
+    if not isinstance(interrupt, bool):
+        raise JsonError(400, "'interrupt' must be true or false")
+    try:
+        text = _turn_text(body.get("text"))
+        turn = call.add_turn(text, close=True, interrupt=interrupt, source="api")
+    except TurnRejected as exc:
+        raise JsonError(exc.status, str(exc)) from None
+    return web.json_response({"turn_id": turn.id, "queued": len(call.turns)}, status=202)
+
+
+async def delete_turn(request: web.Request) -> web.Response:
+    check_api_token(request)
+    call = _get_call(request)
+    if not call.cancel_turn(request.match_info["turn_id"]):
+        raise JsonError(404, "no such queued or playing turn")
+    return web.json_response({"cancelled": request.match_info["turn_id"]})
+
+
+async def post_interrupt(request: web.Request) -> web.Response:
+    check_api_token(request)
+    heard = _get_call(request).interrupt(reason="interrupted by the API")
+    return web.json_response({"heard": heard})
+
+
+async def post_hangup(request: web.Request) -> web.Response:
+    check_api_token(request)
+    call = _get_call(request)
+    asyncio.get_running_loop().create_task(hang_up(request.app, call))
+    return web.json_response({"hanging_up": call.call_sid}, status=202)
+
+
+async def hang_up(app: web.Application, call: Call) -> None:
+    """Let the last audio play (bounded), then end the call through Twilio's REST API."""
+    from ..transports.twilio.rest import complete_call
+
+    svc = app[SERVICES]
+    if call.state is CallState.ACTIVE:
+        call.state = CallState.ENDING
+    drained = await call.drain(svc.settings.calls.hangup_drain_timeout_s)
+    if not drained:
+        call.log.info("hang-up: audio still playing after %.1f s, hanging up anyway",
+                      svc.settings.calls.hangup_drain_timeout_s)
+    try:
+        await complete_call(svc.settings.twilio, call.call_sid)
+    except Exception as exc:  # the REST call failing must not leave the call open
+        call.log.warning("REST hang-up failed (%s); closing the media stream instead", exc)
+    await call.end("hangup: api")

@@ -1,0 +1,130 @@
+"""What every handler shares (one :class:`Services` per app, under a typed key), and the
+helpers every route uses: the API token check, JSON errors, log redaction of URL-borne secrets."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from dia2 import Dia2
+
+from ..calls.agent import Agent
+from ..calls.call import Call
+from ..config import Settings
+from ..metrics import Metrics
+from ..tts import TtsWorker
+from ..voices import VoiceRegistry
+from .stream_tokens import StreamTokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Everything the handlers share; one per app."""
+
+    settings: Settings
+    metrics: Metrics
+    runtime: Dia2 | None = None
+    worker: TtsWorker | None = None
+    voices: VoiceRegistry | None = None
+    calls: dict[str, Call] = field(default_factory=dict)
+    tokens: StreamTokens = field(default_factory=lambda: StreamTokens(30.0))
+    sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    # Played when a turn fails (calls.fallback_audio, loaded at start-up); None: 300 ms silence.
+    fallback_ulaw8k: bytes | None = None
+    # Called with each call once it has ended and left the registry (diagnostics: bench/soak.py).
+    call_observers: list[Callable[[Call], None]] = field(default_factory=list)
+    agent: Agent | None = None
+    ready: bool = False
+    shutting_down: bool = False
+
+    def require(self) -> tuple[Dia2, TtsWorker, VoiceRegistry]:
+        if self.runtime is None or self.worker is None or self.voices is None:
+            raise web.HTTPServiceUnavailable(text="starting up")
+        return self.runtime, self.worker, self.voices
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+# An in-process agent object given by the embedding app (takes precedence over [agent]).
+AGENT = web.AppKey("agent", object)
+
+
+# Secrets that travel in URLs: the API token as ``?token=`` (clients that cannot set headers)
+# and the one-time stream token in the media stream's path.
+_URL_SECRETS = re.compile(r"(?P<key>[?&]token=)[^&\s\"]*|(?P<path>/twilio/stream/)[^?\s\"/]+")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with URL-borne tokens replaced by ``[redacted]`` (for log lines)."""
+    return _URL_SECRETS.sub(lambda m: (m.group("key") or m.group("path")) + "[redacted]", text)
+
+
+class RedactTokens(logging.Filter):
+    """Keeps tokens out of aiohttp's access log (its request line includes path and query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.args:
+            record.msg = redact_url(record.msg)
+        line = record.__dict__.get("first_request_line")  # the access log's `extra` for %r
+        if isinstance(line, str):
+            record.__dict__["first_request_line"] = redact_url(line)
+        return True
+
+
+def _install_log_redaction() -> None:
+    access = logging.getLogger("aiohttp.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def _public_base(request: web.Request, settings: Settings) -> str:
+    """The configured public base URL; without one (local use), what the request says."""
+    if settings.server.public_base_url:
+        return settings.server.public_base_url.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+def check_api_token(request: web.Request) -> None:
+    """Bearer token (or ?token= for clients that cannot set headers), constant-time compare."""
+    auth = services(request).settings.auth
+    if not auth.enabled:
+        return
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+    if not given or not hmac.compare_digest(given.encode(), auth.api_token.encode()):
+        services(request).metrics.rejected_total.labels(reason="bad_api_token").inc()
+        raise web.HTTPUnauthorized(
+            text='{"error": "missing or invalid API token"}',
+            content_type="application/json",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+class JsonError(web.HTTPError):
+    """An HTTP error with a JSON body ``{"error": message}`` and any status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status_code = status
+        super().__init__(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _get_call(request: web.Request) -> Call:
+    sid = request.match_info["call_sid"]
+    call = services(request).calls.get(sid)
+    if call is None:
+        raise JsonError(404, "unknown call")
+    return call

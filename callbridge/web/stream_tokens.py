@@ -1,0 +1,65 @@
+"""One-time media stream tokens: minted by the webhook, bound to a CallSid and its TTS reservation."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from ..tts import Reservation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamBinding:
+    call_sid: str
+    voice: str
+    greeting: str
+    expires_at: float
+    reservation: Reservation  # the TTS slot held for this call from admission to hang-up
+
+
+@dataclass
+class StreamTokens:
+    """One-time tokens minted by the webhook, bound to a CallSid, put in the stream URL path."""
+
+    ttl_s: float
+    tokens: dict[str, StreamBinding] = field(default_factory=dict)
+    seen_calls: dict[str, float] = field(default_factory=dict)  # CallSid -> first webhook time (replays)
+
+    def mint(self, call_sid: str, voice: str, greeting: str, reservation: Reservation) -> str:
+        self._prune()
+        token = secrets.token_urlsafe(24)  # 192 bits
+        self.tokens[token] = StreamBinding(call_sid, voice, greeting, time.monotonic() + self.ttl_s, reservation)
+        self.seen_calls[call_sid] = time.monotonic()
+        return token
+
+    def seen(self, call_sid: str) -> bool:
+        self._prune()
+        return call_sid in self.seen_calls
+
+    def peek(self, token: str) -> StreamBinding | None:
+        binding = self.tokens.get(token)
+        if binding is None or binding.expires_at < time.monotonic():
+            return None
+        return binding
+
+    def consume(self, token: str) -> StreamBinding | None:
+        """Take the token (single use); the caller now owns its reservation."""
+        binding = self.peek(token)
+        self.tokens.pop(token, None)
+        return binding
+
+    def discard(self, token: str) -> None:
+        binding = self.tokens.pop(token, None)
+        if binding is not None:
+            binding.reservation.release()
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for token in [t for t, b in self.tokens.items() if b.expires_at < now]:
+            self.discard(token)  # the stream never came: give its TTS slot back
+        for sid in [s for s, t in self.seen_calls.items() if now - t > 3600]:
+            del self.seen_calls[sid]

@@ -1,0 +1,330 @@
+"""Twilio's routes: the voice webhook (admission, TwiML), the stream status callback, and the
+media stream WebSocket of each call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..calls.agent import Agent, AgentReply, run_agent
+from ..calls.call import Call, CallState, TurnRejected
+from ..transports.twilio import (
+    ProtocolError,
+    Start,
+    connect_stream_twiml,
+    public_url,
+    reject_twiml,
+    say_hangup_twiml,
+    validate_signature,
+    websocket_url,
+)
+from ..voices import VoiceError
+from .control import hang_up
+from .services import _public_base, services
+
+log = logging.getLogger(__name__)
+
+
+STREAM_PATH = "/twilio/stream/"
+
+
+#: A media socket's writer checks for back-pressure every this many bytes (aiohttp: 64 KiB),
+#: and the transport pauses above this much unsent data, so a stalled reader blocks our send
+#: (and trips ``audio.send_timeout_s``) after about a second of audio, not after minutes.
+WS_WRITER_CHECK_BYTES = 4096
+
+
+WS_WRITE_HIGH_WATER = 16 * 1024
+
+
+def _route_of(request: web.Request) -> str:
+    """The route template, not the path: a media stream's path carries its one-time token."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "?"
+
+
+def _check_twilio_signature(request: web.Request, url: str, params: dict[str, Any]) -> None:
+    settings = services(request).settings.twilio
+    if not settings.validate_signatures and not settings.auth_token:
+        return
+    signature = request.headers.get("X-Twilio-Signature")
+    ok = validate_signature(
+        settings.auth_token, url, params, signature, request.headers.get("X-Twilio-Webhooks-Signature-Settings")
+    )
+    if not ok and not settings.validate_signatures:  # local development: say what would have failed
+        log.warning("%s %s: %s Twilio signature (accepted: twilio.validate_signatures is off)", request.method,
+                    _route_of(request), "missing" if not signature else "invalid")
+        return
+    if not ok:
+        services(request).metrics.rejected_total.labels(reason="bad_signature").inc()
+        log.warning("rejected %s %s: %s Twilio signature", request.method, _route_of(request),
+                    "missing" if not signature else "invalid")
+        raise web.HTTPForbidden(text="invalid Twilio signature")
+
+
+async def twilio_voice(request: web.Request) -> web.Response:
+    """The voice webhook: check the signature, admit or reject, answer <Connect><Stream>."""
+    svc = services(request)
+    form = await request.post()
+    params: dict[str, Any] = {}
+    for key in form:
+        values = form.getall(key)
+        params[key] = [str(v) for v in values] if len(values) > 1 else str(values[0])
+    base = _public_base(request, svc.settings)
+    _check_twilio_signature(request, public_url(base, request.rel_url.raw_path, request.rel_url.raw_query_string), params)
+    call_sid = str(params.get("CallSid", ""))
+    if not call_sid.startswith("CA") or len(call_sid) > 64:
+        raise web.HTTPBadRequest(text="missing or malformed CallSid")
+    if svc.tokens.seen(call_sid) or call_sid in svc.calls:
+        svc.metrics.rejected_total.labels(reason="replayed_webhook").inc()
+        log.warning("refused a repeated webhook for call %s", call_sid)
+        raise web.HTTPForbidden(text="this call was already answered")
+    _, worker, voices = svc.require()
+    voice_name = request.query.get("voice") or voices.default
+    try:
+        voices.get(voice_name)
+    except VoiceError:
+        log.warning("call %s asked for an unknown voice %r", call_sid, voice_name[:64])
+        svc.metrics.rejected_total.labels(reason="unknown_voice").inc()
+        return web.Response(text=say_hangup_twiml("Sorry, this line is not configured correctly."),
+                            content_type="text/xml")
+    live = sum(1 for c in svc.calls.values() if c.state is not CallState.ENDED) + len(svc.tokens.tokens)
+    reservation = worker.reserve() if live < svc.settings.calls.max_calls else None
+    if reservation is None:
+        svc.metrics.rejected_total.labels(reason="full").inc()
+        log.warning("call %s rejected: %d calls live, worker free %d", call_sid, live, worker.free)
+        return web.Response(text=reject_twiml("busy"), content_type="text/xml")
+    greeting = request.query.get("greeting", svc.settings.twilio.greeting)
+    token = svc.tokens.mint(call_sid, voice_name, greeting, reservation)
+    stream_url = websocket_url(base, STREAM_PATH + token)
+    status_cb = public_url(base, "/twilio/stream-status") if svc.settings.twilio.status_callback else None
+    # The token (not these parameters) is what the stream is checked against; "greeting" only
+    # tells a client that one will be spoken first.
+    params = {"voice": voice_name, "greeting": "yes" if greeting else ""}
+    twiml = connect_stream_twiml(stream_url, params, status_callback=status_cb)
+    log.info("call %s admitted (voice %s)", call_sid, voice_name)
+    return web.Response(text=twiml, content_type="text/xml")
+
+
+async def twilio_stream_status(request: web.Request) -> web.Response:
+    svc = services(request)
+    form = await request.post()
+    params = {k: str(v) for k, v in form.items()}
+    _check_twilio_signature(request, public_url(_public_base(request, svc.settings), request.path,
+                                                request.rel_url.raw_query_string), params)
+    log.info("stream status %s for call %s: %s", params.get("StreamEvent"), params.get("CallSid"),
+             params.get("StreamError", ""))
+    return web.Response(status=204)
+
+
+class _RateLimit:
+    """At most ``per_s`` messages in any one-second window (Twilio sends ~50/s)."""
+
+    def __init__(self, per_s: int) -> None:
+        self.per_s = per_s
+        self.window_start = time.monotonic()
+        self.count = 0
+
+    def hit(self) -> bool:
+        now = time.monotonic()
+        if now - self.window_start >= 1.0:
+            self.window_start, self.count = now, 0
+        self.count += 1
+        return self.count <= self.per_s
+
+
+def close_code_for(reason: str) -> WSCloseCode:
+    """The WebSocket close code for a call's end reason (``call.end_reason``)."""
+    if reason.startswith("protocol_error"):
+        return WSCloseCode.POLICY_VIOLATION  # 1008: bad input from the peer
+    if reason.startswith("error"):
+        return WSCloseCode.INTERNAL_ERROR  # 1011: our side failed (send timeout, speaker)
+    if reason == "shutdown":
+        return WSCloseCode.GOING_AWAY  # 1001
+    return WSCloseCode.OK
+
+
+async def close_socket(ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int,
+                       message: str, timeout_s: float) -> None:
+    """Close ``ws`` with ``code``, bounded: a peer that reads nothing cannot take the close
+    frame, and a plain transport close would wait for it forever, so the connection is
+    aborted instead (its socket and file descriptor are freed at once)."""
+    if ws.closed:
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await ws.close(code=code, message=message.encode()[:120])
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+    except asyncio.CancelledError:
+        if transport is not None:
+            transport.abort()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # Not our cancellation: aiohttp shares one drain future per connection, and a send
+        # that timed out (a stalled peer) cancelled it; every later drain re-raises that.
+    except ConnectionError:
+        pass  # already gone
+
+
+def _limit_send_buffer(request: web.Request, send_buffer_bytes: int) -> asyncio.Transport | None:
+    """Bound what a media socket can hold unsent (kernel and user space); see ``WS_WRITE_HIGH_WATER``."""
+    transport = request.transport
+    if transport is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # e.g. not a TCP socket: keep the defaults
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+    transport.set_write_buffer_limits(high=WS_WRITE_HIGH_WATER)
+    return transport
+
+
+async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
+    """One call's media stream. This handler is the only reader of the socket.
+
+    Outcomes (each is one WARNING line at most, and touches no other call): a bad signature
+    or an unknown, expired or used token is refused with 403 before the upgrade; a frame or
+    an event order that breaks the protocol, a flood, or no ``start`` within
+    ``twilio.start_timeout_s`` closes with 1008; an internal failure (a send timeout on a
+    stalled reader, a crashed speaker) closes with 1011; shutdown closes with 1001; ``stop``,
+    a hang-up or ``calls.max_call_s`` closes with 1000. Unknown events are ignored (logged
+    at debug).
+    """
+    svc = services(request)
+    settings = svc.settings
+    token = request.match_info["token"]
+    base = _public_base(request, settings)
+    _check_twilio_signature(request, websocket_url(base, request.path), {})
+    binding = svc.tokens.peek(token)
+    if binding is None:
+        svc.metrics.rejected_total.labels(reason="bad_stream_token").inc()
+        log.warning("refused a media stream with an unknown or expired token")
+        raise web.HTTPForbidden(text="unknown or expired stream token")
+    _, worker, voices = svc.require()
+    ws = web.WebSocketResponse(max_msg_size=settings.twilio.max_message_bytes, autoping=True,
+                               writer_limit=WS_WRITER_CHECK_BYTES)
+    transport = _limit_send_buffer(request, settings.audio.send_buffer_bytes)
+    await ws.prepare(request)
+    svc.sockets.add(ws)
+    call = Call(
+        call_sid=binding.call_sid,
+        voice=voices.get(binding.voice),
+        settings=settings,
+        worker=worker,
+        metrics=svc.metrics,
+        send_text=ws.send_str,
+        greeting=binding.greeting,
+        reservation=binding.reservation,
+        fallback_ulaw8k=svc.fallback_ulaw8k,
+    )
+
+    async def close_when_ended() -> None:
+        # The one place that closes this socket: whoever ends the call (this handler, the
+        # call's own writer on a send timeout, a hang-up, shutdown), the peer gets the code
+        # for the reason, and a receive() in progress returns at once.
+        await call.ended.wait()
+        await close_socket(ws, transport, close_code_for(call.end_reason), call.end_reason,
+                           settings.audio.send_timeout_s)
+
+    closer = asyncio.create_task(close_when_ended(), name=f"close-{call.call_sid}")
+    reason = "hangup: caller"
+    agent_task: asyncio.Task[None] | None = None
+    limiter = _RateLimit(settings.twilio.max_messages_per_s)
+    started_by = time.monotonic() + settings.twilio.start_timeout_s
+    over_at = time.monotonic() + settings.calls.max_call_s
+    try:
+        while True:
+            connecting = call.state is CallState.CONNECTING
+            left = (started_by if connecting else over_at) - time.monotonic()
+            msg = None
+            if left > 0:
+                with contextlib.suppress(TimeoutError):
+                    msg = await ws.receive(timeout=left)
+            if msg is None:  # a deadline passed
+                if connecting:
+                    raise ProtocolError("start_timeout", f"no start within {settings.twilio.start_timeout_s} s")
+                reason = "hangup: max_call_s"
+                call.log.warning("call reached calls.max_call_s = %.0f s: hanging up", settings.calls.max_call_s)
+                break
+            if call.state is CallState.ENDED:  # ended elsewhere while we waited
+                reason = call.end_reason
+                break
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                reason = "hangup: socket closed" if call.state is not CallState.CONNECTING else "error: closed before start"
+                if svc.shutting_down:
+                    reason = "shutdown"
+                break
+            if msg.type is WSMsgType.ERROR:
+                if isinstance(ws.exception(), Exception) and "size" in str(ws.exception()).lower():
+                    raise ProtocolError("too_large", str(ws.exception()))
+                reason = f"error: socket {type(ws.exception()).__name__}"
+                break
+            if not limiter.hit():
+                raise ProtocolError("flood", f"more than {settings.twilio.max_messages_per_s} messages in a second")
+            data = msg.data if msg.type is WSMsgType.TEXT else bytes(msg.data)
+            event = call.protocol.receive(data)
+            if isinstance(event, Start):
+                if svc.tokens.consume(token) is None or event.call_sid != binding.call_sid:
+                    raise ProtocolError("call_mismatch", "start does not match the call this stream was issued for")
+                if binding.call_sid in svc.calls:
+                    raise ProtocolError("duplicate_call", "this call already has a media stream")
+                svc.calls[call.call_sid] = call
+                if svc.agent is not None:
+                    agent_task = _start_agent(request.app, svc.agent, call)
+                call.begin(event)
+                continue
+            if not call.on_event(event):
+                reason = "hangup: stop"
+                break
+            if call.state is CallState.ENDED:
+                reason = call.end_reason
+                break
+    except ProtocolError as exc:
+        reason = f"protocol_error: {exc.code}"
+        svc.metrics.protocol_errors_total.labels(code=exc.code).inc()
+        call.log.warning("ending call on protocol error %s: %s", exc.code, exc.message)
+    except asyncio.CancelledError:
+        reason = "shutdown"
+        raise
+    finally:
+        if agent_task is not None:
+            agent_task.cancel()
+        svc.tokens.discard(token)  # a stream that ended before `start` frees its slot at once
+        await call.end(reason)  # no-op if it ended elsewhere; wakes the closer
+        with contextlib.suppress(asyncio.CancelledError):
+            await closer
+        if svc.calls.get(call.call_sid) is call:
+            del svc.calls[call.call_sid]
+        for observe in svc.call_observers:
+            observe(call)
+    return ws
+
+
+def _start_agent(app: web.Application, agent: Agent, call: Call) -> asyncio.Task[None]:
+    """Subscribe the agent to the call's events (before ``begin``, so it sees call_started)."""
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+    call.listeners.add(events)
+
+    async def act(reply: AgentReply) -> None:
+        if call.state is not CallState.ACTIVE:
+            return
+        try:
+            if reply.say:
+                call.add_turn(reply.say, close=True, interrupt=reply.interrupt, source="agent")
+            elif reply.interrupt:
+                call.interrupt(reason="interrupted by the agent")
+        except TurnRejected as exc:
+            call.log.warning("agent turn refused: %s", exc)
+        if reply.hangup:
+            asyncio.get_running_loop().create_task(hang_up(app, call))
+
+    return asyncio.create_task(run_agent(agent, events, call.view, act, call.call_sid), name=f"agent-{call.call_sid}")
