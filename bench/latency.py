@@ -58,9 +58,9 @@ from common import git_commit, model_folder
 from callbridge.audio import OutboundAudio
 from callbridge.audio.pacing import Pacer
 from callbridge.config import Settings
-from callbridge.tts import TtsWorker, TurnHandle
+from callbridge.tts import TtsWorker, TurnHandle, generation_config
 from callbridge.voices import demo_voice_prompt
-from dia2 import Dia2, GenerationConfig, SamplingParams, VoicePrompt
+from dia2 import Dia2, GenerationConfig, VoicePrompt
 from dia2.random_checkpoint import SHAPES
 from dia2.snapshot import VoiceSnapshot, build_snapshot
 from dia2.stream import StreamRunner
@@ -83,15 +83,8 @@ def device_name(device: torch.device) -> str:
 
 
 def service_generation_config(seed: int) -> GenerationConfig:
-    """The sampling settings a call uses (``Call.generation_config`` with the default settings)."""
-    t = Settings().tts
-    return GenerationConfig(
-        text=SamplingParams(t.text_temperature, t.top_k),
-        audio=SamplingParams(t.temperature, t.top_k),
-        cfg_scale=t.cfg_scale,
-        initial_padding=t.initial_padding,
-        seed=seed,
-    )
+    """The sampling settings a call uses with the default settings."""
+    return generation_config(Settings().tts, seed=seed)
 
 
 def eager_switch(device: torch.device) -> tuple[contextlib.AbstractContextManager[object], str]:
@@ -132,7 +125,7 @@ class RunnerProbe:
 
     Installed on the worker thread (``worker.call``) by shadowing three bound methods on the
     instances: no code of dia2 or callbridge changes. Spans are appended on the worker thread
-    and taken there too (``worker.call(probe.take)``), so no lock is needed.
+    and taken there too (``worker.run_in_thread(probe.take)``), so no lock is needed.
     """
 
     def __init__(self, runner: StreamRunner) -> None:
@@ -280,7 +273,7 @@ async def run_turn(worker: TtsWorker, snapshot: VoiceSnapshot, text: str, seed: 
     side = LoopSide(accepted_at=time.monotonic())
     async with asyncio.timeout(timeout_s):
         if naive is not None:
-            snapshot = await worker.call(naive)
+            snapshot = await worker.run_in_thread(naive)
         handle = await worker.open_turn(snapshot, service_generation_config(seed), turn_id=f"t{seed}",
                                         text=text, close=True)
         try:
@@ -351,15 +344,15 @@ async def run_path(path: str, runtime: Dia2, snapshot: VoiceSnapshot, prompt: Vo
     worker = TtsWorker(runtime, max(plan.calls), name=f"bench-{path}")
     worker.start()
     warm_up_s = await worker.ready()
-    graphs = bool(await worker.call(lambda runner: getattr(runner.engine, "use_cuda_graphs", False)))
-    probe: RunnerProbe = await worker.call(RunnerProbe)
+    graphs = bool(await worker.run_in_thread(lambda runner: getattr(runner.engine, "use_cuda_graphs", False)))
+    probe: RunnerProbe = await worker.run_in_thread(RunnerProbe)
     naive = naive_warm_up(runtime, prompt, snapshot) if path == "naive" else None
     samples: list[TurnSample] = []
     seed = 0
     try:
         for calls in plan.calls:
             for rnd in range(plan.warm_rounds + plan.rounds):
-                await worker.call(probe.take)  # forget spans of earlier rounds
+                await worker.run_in_thread(probe.take)  # forget spans of earlier rounds
                 turns = []
                 for i in range(calls):  # opened together: no await between the K accepts
                     seed += 1
@@ -369,7 +362,7 @@ async def run_path(path: str, runtime: Dia2, snapshot: VoiceSnapshot, prompt: Vo
                     turns.append(run_turn(worker, snapshot, text, seed, naive=naive, quality=plan.quality,
                                           lead_ms=plan.lead_ms, max_frames=max_frames, timeout_s=plan.timeout_s))
                 done = await asyncio.gather(*turns)
-                spans = await worker.call(probe.take)
+                spans = await worker.run_in_thread(probe.take)
                 if rnd >= plan.warm_rounds:  # the first round(s) of each K are warm-up
                     samples += [sample_of(path, calls, rnd - plan.warm_rounds, h, s, spans) for h, s in done]
     finally:

@@ -239,8 +239,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     def observe(call: Call) -> None:
         s = call.stats
         seen[call.call_sid] = {"chunks_sent": s.chunks_sent, "media_crc32": s.media_crc32, "marks_sent": s.marks_sent,
-                               "marks_out_of_order": call.protocol.marks_out_of_order,
-                               "marks_unknown": call.protocol.marks_unknown, "underruns": s.underruns,
+                               "marks_out_of_order": s.marks_out_of_order,
+                               "marks_unknown": s.marks_unknown, "underruns": s.underruns,
                                "end_reason": call.end_reason, "failed_turns": s.failed_turns}
 
     svc.call_observers.append(observe)

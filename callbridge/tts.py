@@ -46,7 +46,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from dia2 import AudioFrame, Dia2, GenerationConfig, Stream, StreamRunner, StreamStatus, VoiceSnapshot
+from dia2 import (
+    AudioFrame,
+    Dia2,
+    GenerationConfig,
+    SamplingParams,
+    Stream,
+    StreamRunner,
+    StreamStatus,
+    VoiceSnapshot,
+)
+
+from .config import TtsSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,18 @@ DEFAULT_MAX_BACKLOG_FRAMES: Final = 1500
 WARM_UP_TEXT: Final = "[S1] Warming up the voice."
 #: Bound on warm-up steps (a tiny model with a short context could otherwise wander).
 WARM_UP_MAX_STEPS: Final = 64
+
+
+def generation_config(tts: TtsSettings, *, seed: int) -> GenerationConfig:
+    """The sampling of a turn from the ``[tts]`` settings: the one place they become a
+    :class:`dia2.GenerationConfig` (calls, ``/ws/stream_tts`` and the benches all use it)."""
+    return GenerationConfig(
+        text=SamplingParams(tts.text_temperature, tts.top_k),
+        audio=SamplingParams(tts.temperature, tts.top_k),
+        cfg_scale=tts.cfg_scale,
+        initial_padding=tts.initial_padding,
+        seed=seed,
+    )
 
 
 class TtsError(Exception):
@@ -160,7 +183,7 @@ class _Cancel:
 
 
 @dataclass(frozen=True)
-class _Call:
+class _RunFn:
     fn: Callable[[StreamRunner], Any]
     future: concurrent.futures.Future[Any]
 
@@ -170,7 +193,7 @@ class _Stop:
     pass
 
 
-_Command = _Open | _Push | _CloseText | _Cancel | _Call | _Stop
+_Command = _Open | _Push | _CloseText | _Cancel | _RunFn | _Stop
 
 
 # ---------------------------------------------------------------------------- handles
@@ -231,7 +254,6 @@ class TurnHandle:
         self._started: asyncio.Future[None] = loop.create_future()
         self._text_closed = False
         self._cancel_requested = False
-        self._stream: Stream | None = None  # owned by the worker thread
         self._log = logging.LoggerAdapter(log, {"worker": worker.name, "turn_id": turn_id})
 
     def __repr__(self) -> str:
@@ -527,12 +549,12 @@ class TtsWorker:
             raise
         return handle
 
-    async def call(self, fn: Callable[[StreamRunner], T]) -> T:
+    async def run_in_thread(self, fn: Callable[[StreamRunner], T]) -> T:
         """Run ``fn(runner)`` on the worker thread between two steps; for diagnostics and tests."""
         if self._thread is None or self._closed:
             raise WorkerClosed(f"worker {self.name} is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._submit(_Call(fn, future))
+        self._submit(_RunFn(fn, future))
         return await asyncio.wrap_future(future)
 
     def _submit(self, command: _Command) -> None:
@@ -604,7 +626,7 @@ class TtsWorker:
     def _apply(self, runner: StreamRunner, command: _Command, outbox: _Outbox) -> None:
         if isinstance(command, _Open):
             self._open(runner, command, outbox)
-        elif isinstance(command, _Call):
+        elif isinstance(command, _RunFn):
             if command.future.set_running_or_notify_cancel():
                 try:
                     command.future.set_result(command.fn(runner))
@@ -642,7 +664,6 @@ class TtsWorker:
             return
         live = _Live(handle, stream, started_at=time.monotonic())
         self._live[handle] = live
-        handle._stream = stream
         handle.slot = stream.slot
         outbox.add(_Event(handle, live.counters(), started=True))
         handle._log.debug("turn %s started in slot %s", handle.turn_id, stream.slot)
@@ -720,7 +741,7 @@ class TtsWorker:
             if isinstance(command, _Open):
                 self._end_hold(command.handle)
                 outbox.add(_Event(command.handle, _NO_COUNTERS, ended=StreamStatus.CANCELLED, ended_at=time.monotonic()))
-            elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+            elif isinstance(command, _RunFn) and command.future.set_running_or_notify_cancel():
                 command.future.set_exception(WorkerClosed(f"worker {self.name} is stopped"))
         self._flush(outbox)
 

@@ -4,7 +4,7 @@ Stateless of calls: every stateful object here (a converter, a pacer, a detector
 once per call and direction and never shared.
 """
 
-from .convert import TTS_RATE, InboundAudio, OutboundAudio, Quality
+from .convert import TTS_RATE, InboundAudio, OutboundAudio, Quality, fade_out_chunk
 from .g711 import (
     CHUNK_BYTES,
     CHUNK_MS,
@@ -29,6 +29,7 @@ __all__ = [
     "OutboundAudio",
     "Pacer",
     "Quality",
+    "fade_out_chunk",
     "pcm16_to_ulaw",
     "pcm16_to_ulaw_numpy",
     "ulaw_to_pcm16",

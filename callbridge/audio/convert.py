@@ -18,7 +18,7 @@ import soxr
 
 from .g711 import CHUNK_BYTES, LINE_RATE, ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
 
-__all__ = ["InboundAudio", "OutboundAudio", "Quality", "TTS_RATE"]
+__all__ = ["InboundAudio", "OutboundAudio", "Quality", "TTS_RATE", "fade_out_chunk"]
 
 TTS_RATE: Final = 24000  # Hz, Mimi output
 
@@ -33,9 +33,9 @@ class OutboundAudio:
 
     ``push`` returns every complete chunk available so far; soxr holds some output back
     (it needs future input for its filter), so the chunk count per push varies. At the end
-    of a turn ``finish`` flushes that tail; on barge-in ``drop`` (after a ``clear``) or
-    ``fade_out`` (when stopping without one) throws it away. Both leave the converter ready
-    for the next turn.
+    of a turn ``finish`` flushes that tail; on barge-in ``drop`` throws it away (the cut
+    itself is faded by :func:`fade_out_chunk`). Both leave the converter ready for the next
+    turn.
 
     Quality (soxr recipe; all but QQ filter aliasing equally well, about -83 dB at 5 kHz):
     the default is ``HQ``: it releases 490 of the 640 samples owed for the first 80 ms
@@ -112,31 +112,27 @@ class OutboundAudio:
         self._reset()
         return dropped
 
-    def fade_out(self, ms: float = 10.0) -> list[bytes]:
-        """Barge-in without a ``clear``: ``ms`` of what comes next, ramped to zero, then reset.
-
-        Continues exactly where the last chunk returned stopped, with a raised-cosine ramp
-        from full level to silence, so the queue at Twilio ends without a click. Returns
-        at most ``ceil(ms / 20)`` chunks (empty when nothing was pending).
-        """
-        if ms < 0:
-            raise ValueError(f"fade length must be >= 0 ms, got {ms}")
-        tail = self._rs.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-        pending = np.concatenate((self._fifo, tail))
-        n = min(pending.size, round(ms * LINE_RATE / 1000))
-        self._reset()
-        if n == 0:
-            return []
-        ramp = 0.5 * (1.0 + np.cos(np.linspace(0.0, math.pi, n + 1, dtype=np.float64)[1:]))
-        faded = (pending[:n] * ramp).astype(np.float32)
-        padded = math.ceil(n / CHUNK_BYTES) * CHUNK_BYTES
-        ulaw = self._encode(faded) + bytes([ULAW_SILENCE]) * (padded - n)
-        self.chunks_out += padded // CHUNK_BYTES
-        return [ulaw[i : i + CHUNK_BYTES] for i in range(0, padded, CHUNK_BYTES)]
-
     def _reset(self) -> None:
         self._rs.clear()
         self._fifo = np.zeros(0, dtype=np.float32)
+
+
+def fade_out_chunk(ulaw8k: bytes, ms: float) -> bytes:
+    """One chunk that fades ``ulaw8k`` (the chunk playing when audio was cut) to silence.
+
+    Its first ``ms`` are ramped from full level to zero (raised cosine) and the rest of the
+    chunk is silence, so a cut ends without a click. The one fade-out rule of the service
+    (the playout sends it after a ``clear``).
+    """
+    if ms < 0:
+        raise ValueError(f"fade length must be >= 0 ms, got {ms}")
+    pcm = ulaw_to_pcm16(ulaw8k).astype(np.float64)
+    n = min(pcm.size, round(ms * LINE_RATE / 1000))
+    faded = np.zeros(pcm.size, dtype=np.float64)
+    if n:
+        ramp = 0.5 * (1.0 + np.cos(np.linspace(0.0, math.pi, n + 1, dtype=np.float64)[1:]))
+        faded[:n] = pcm[:n] * ramp
+    return pcm16_to_ulaw(np.rint(faded).astype(np.int16))
 
 
 # --------------------------------------------------------------------------- inbound

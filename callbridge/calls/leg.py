@@ -106,6 +106,7 @@ class LegInfo:
     from_number: str = ""
     to_number: str = ""
     custom: dict[str, str] = field(default_factory=dict)  # carrier-specific parameters
+    media_id: str = ""  # the carrier's id of this leg's media (Twilio StreamSid); "" until media starts
 
 
 class Leg(abc.ABC):

@@ -18,16 +18,18 @@ from aiohttp import WSCloseCode, web
 from dia2 import Dia2
 
 from ..calls.agent import Agent, load_agent
-from ..calls.call import CallState, load_fallback_audio
+from ..calls.call import CallState
+from ..calls.fallback import load_fallback_audio
 from ..config import Settings
 from ..metrics import Metrics
+from ..transports.websocket import close_socket
 from ..tts import TtsWorker
 from .control import delete_turn, get_call, list_calls, post_hangup, post_interrupt, post_turn
 from .services import AGENT, SERVICES, Services, _install_log_redaction, services
 from .stream_tokens import StreamTokens
 from .text_socket import call_text_socket
 from .tts_socket import stream_tts_handler
-from .twilio_routes import STREAM_PATH, close_socket, twilio_stream, twilio_stream_status, twilio_voice
+from .twilio_routes import STREAM_PATH, twilio_stream, twilio_stream_status, twilio_voice
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def
             yield
         finally:
             svc.ready = False
-            for call in list(svc.calls.values()):
+            for call in [*svc.calls.values(), *svc.connecting]:
                 await call.end("shutdown")
             await svc.worker.stop()
             if svc.agent is not None:
@@ -124,8 +126,7 @@ async def drain_calls(app: web.Application, timeout_s: float | None = None) -> N
     timeout = svc.settings.server.shutdown_timeout_s if timeout_s is None else timeout_s
     calls = list(svc.calls.values())
     for call in calls:
-        if call.state is CallState.ACTIVE:
-            call.state = CallState.ENDING  # new turns get 409; queued ones still play
+        call.stop_taking_turns()  # new turns get 409; queued ones still play
     await asyncio.gather(*(c.drain(timeout) for c in calls), return_exceptions=True)
     # Ending a call closes its media socket with 1001 (see twilio_stream).
     await asyncio.gather(*(c.end("shutdown") for c in calls), return_exceptions=True)
@@ -141,8 +142,7 @@ async def _close_sockets(app: web.Application) -> None:
     svc.shutting_down = True
     calls = [c for c in svc.calls.values() if c.state is not CallState.ENDED]
     for call in calls:
-        if call.state is CallState.ACTIVE:
-            call.state = CallState.ENDING
+        call.stop_taking_turns()
     timeout = svc.settings.server.shutdown_timeout_s
     await asyncio.gather(*(c.drain(timeout, heard=False) for c in calls), return_exceptions=True)
     await asyncio.gather(*(c.end("shutdown") for c in calls), return_exceptions=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -10,8 +9,8 @@ from aiohttp import web
 
 from dia2 import normalize_text
 
-from ..calls.call import Call, CallState, TurnRejected
-from .services import SERVICES, JsonError, _get_call, check_api_token, services
+from ..calls.turns import TurnRejected
+from .services import JsonError, _get_call, check_api_token, services
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,9 @@ async def post_turn(request: web.Request) -> web.Response:
         turn = call.add_turn(text, close=True, interrupt=interrupt, source="api")
     except TurnRejected as exc:
         raise JsonError(exc.status, str(exc)) from None
-    return web.json_response({"turn_id": turn.id, "queued": len(call.turns)}, status=202)
+    ahead = call.turns.ahead_of(turn)
+    return web.json_response({"turn_id": turn.id, "queued": len(call.turns.queued),
+                              "status": "queued" if ahead else "playing", "ahead": ahead}, status=202)
 
 
 async def delete_turn(request: web.Request) -> web.Response:
@@ -84,25 +85,8 @@ async def post_interrupt(request: web.Request) -> web.Response:
 
 
 async def post_hangup(request: web.Request) -> web.Response:
+    """Let the last audio play (bounded), then end the call through the carrier. Idempotent."""
     check_api_token(request)
     call = _get_call(request)
-    asyncio.get_running_loop().create_task(hang_up(request.app, call))
+    call.hang_up("api")
     return web.json_response({"hanging_up": call.call_sid}, status=202)
-
-
-async def hang_up(app: web.Application, call: Call) -> None:
-    """Let the last audio play (bounded), then end the call through Twilio's REST API."""
-    from ..transports.twilio.rest import complete_call
-
-    svc = app[SERVICES]
-    if call.state is CallState.ACTIVE:
-        call.state = CallState.ENDING
-    drained = await call.drain(svc.settings.calls.hangup_drain_timeout_s)
-    if not drained:
-        call.log.info("hang-up: audio still playing after %.1f s, hanging up anyway",
-                      svc.settings.calls.hangup_drain_timeout_s)
-    try:
-        await complete_call(svc.settings.twilio, call.call_sid)
-    except Exception as exc:  # the REST call failing must not leave the call open
-        call.log.warning("REST hang-up failed (%s); closing the media stream instead", exc)
-    await call.end("hangup: api")

@@ -35,7 +35,9 @@ class Services:
     runtime: Dia2 | None = None
     worker: TtsWorker | None = None
     voices: VoiceRegistry | None = None
-    calls: dict[str, Call] = field(default_factory=dict)
+    calls: dict[str, Call] = field(default_factory=dict)  # started calls, by CallSid
+    # Calls whose media socket is open and not yet started (the token is used, the slot held).
+    connecting: set[Call] = field(default_factory=set)
     tokens: StreamTokens = field(default_factory=lambda: StreamTokens(30.0))
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     # Played when a turn fails (calls.fallback_audio, loaded at start-up); None: 300 ms silence.

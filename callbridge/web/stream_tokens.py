@@ -40,16 +40,15 @@ class StreamTokens:
         self._prune()
         return call_sid in self.seen_calls
 
-    def peek(self, token: str) -> StreamBinding | None:
-        binding = self.tokens.get(token)
-        if binding is None or binding.expires_at < time.monotonic():
-            return None
-        return binding
-
     def consume(self, token: str) -> StreamBinding | None:
-        """Take the token (single use); the caller now owns its reservation."""
-        binding = self.peek(token)
-        self.tokens.pop(token, None)
+        """Take the token, once: the one upgrade that does owns its reservation from then on.
+
+        None for an unknown, used or expired token (an expired one's reservation is released).
+        """
+        binding = self.tokens.pop(token, None)
+        if binding is not None and binding.expires_at < time.monotonic():
+            binding.reservation.release()
+            return None
         return binding
 
     def discard(self, token: str) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ..calls.call import TurnRejected
-from .control import _turn_text, hang_up
+from ..calls.turns import TurnRejected
+from .control import _turn_text
 from .services import _get_call, check_api_token, services
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ async def call_text_socket(request: web.Request) -> web.WebSocketResponse:
                     call.interrupt(reason="interrupted by the API")
                     turn = None
                 elif kind == "hangup":
-                    asyncio.get_running_loop().create_task(hang_up(request.app, call))
+                    call.hang_up("text socket")
                 elif kind == "ping":
                     await ws.send_json({"event": "pong"})
                 else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -26,8 +27,8 @@ from aiohttp import WSMsgType, web
 from dia2 import GenerationConfig, SamplingParams, StreamStatus
 
 from ..audio import OutboundAudio
-from ..calls.call import open_word_after
-from ..tts import TurnFailed, TurnHandle, WorkerFull
+from ..calls.turns import open_word_after
+from ..tts import TurnFailed, TurnHandle, WorkerFull, generation_config
 from ..voices import VoiceError
 from .services import SERVICES, check_api_token
 
@@ -49,12 +50,10 @@ def _config(msg: dict[str, Any], base: GenerationConfig, seed: int) -> Generatio
         return float(value)
 
     top_k = num("top_k", base.audio.top_k, 0, 2048)
-    return GenerationConfig(
-        text=base.text,
+    return dataclasses.replace(
+        base,
         audio=SamplingParams(num("temperature", base.audio.temperature, 0.0, 5.0), int(top_k)),
         cfg_scale=num("cfg_scale", base.cfg_scale, 0.0, 20.0),
-        cfg_filter_k=base.cfg_filter_k,
-        initial_padding=base.initial_padding,
         seed=seed,
     )
 
@@ -76,8 +75,7 @@ async def stream_tts_handler(request: web.Request) -> web.WebSocketResponse:
     svc.sockets.add(ws)
     await ws.send_json({"event": "ready", "sample_rate": 24000})
     t = svc.settings.tts
-    base = GenerationConfig(SamplingParams(t.text_temperature, t.top_k), SamplingParams(t.temperature, t.top_k),
-                            t.cfg_scale, 50, t.initial_padding, t.seed)
+    base = generation_config(t, seed=t.seed)
     inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=1000)
 
     async def reader() -> None:

@@ -8,12 +8,14 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
-from ..calls.agent import Agent, AgentReply, run_agent
-from ..calls.call import Call, CallState, TurnRejected
+from ..calls.call import Call, CallState
+from ..calls.leg import LegEnded
+from ..config import Settings
 from ..transports.twilio import (
     ProtocolError,
     Start,
@@ -24,8 +26,8 @@ from ..transports.twilio import (
     validate_signature,
     websocket_url,
 )
+from ..transports.twilio.leg import TwilioLeg
 from ..voices import VoiceError
-from .control import hang_up
 from .services import _public_base, services
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,8 @@ async def twilio_voice(request: web.Request) -> web.Response:
         svc.metrics.rejected_total.labels(reason="unknown_voice").inc()
         return web.Response(text=say_hangup_twiml("Sorry, this line is not configured correctly."),
                             content_type="text/xml")
-    live = sum(1 for c in svc.calls.values() if c.state is not CallState.ENDED) + len(svc.tokens.tokens)
+    live = (sum(1 for c in svc.calls.values() if c.state is not CallState.ENDED) + len(svc.connecting)
+            + len(svc.tokens.tokens))
     reservation = worker.reserve() if live < svc.settings.calls.max_calls else None
     if reservation is None:
         svc.metrics.rejected_total.labels(reason="full").inc()
@@ -139,42 +142,6 @@ class _RateLimit:
         return self.count <= self.per_s
 
 
-def close_code_for(reason: str) -> WSCloseCode:
-    """The WebSocket close code for a call's end reason (``call.end_reason``)."""
-    if reason.startswith("protocol_error"):
-        return WSCloseCode.POLICY_VIOLATION  # 1008: bad input from the peer
-    if reason.startswith("error"):
-        return WSCloseCode.INTERNAL_ERROR  # 1011: our side failed (send timeout, speaker)
-    if reason == "shutdown":
-        return WSCloseCode.GOING_AWAY  # 1001
-    return WSCloseCode.OK
-
-
-async def close_socket(ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int,
-                       message: str, timeout_s: float) -> None:
-    """Close ``ws`` with ``code``, bounded: a peer that reads nothing cannot take the close
-    frame, and a plain transport close would wait for it forever, so the connection is
-    aborted instead (its socket and file descriptor are freed at once)."""
-    if ws.closed:
-        return
-    try:
-        async with asyncio.timeout(timeout_s):
-            await ws.close(code=code, message=message.encode()[:120])
-    except TimeoutError:
-        if transport is not None:
-            transport.abort()
-    except asyncio.CancelledError:
-        if transport is not None:
-            transport.abort()
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        # Not our cancellation: aiohttp shares one drain future per connection, and a send
-        # that timed out (a stalled peer) cancelled it; every later drain re-raises that.
-    except ConnectionError:
-        pass  # already gone
-
-
 def _limit_send_buffer(request: web.Request, send_buffer_bytes: int) -> asyncio.Transport | None:
     """Bound what a media socket can hold unsent (kernel and user space); see ``WS_WRITE_HIGH_WATER``."""
     transport = request.transport
@@ -191,53 +158,60 @@ def _limit_send_buffer(request: web.Request, send_buffer_bytes: int) -> asyncio.
 async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
     """One call's media stream. This handler is the only reader of the socket.
 
-    Outcomes (each is one WARNING line at most, and touches no other call): a bad signature
-    or an unknown, expired or used token is refused with 403 before the upgrade; a frame or
-    an event order that breaks the protocol, a flood, or no ``start`` within
-    ``twilio.start_timeout_s`` closes with 1008; an internal failure (a send timeout on a
-    stalled reader, a crashed speaker) closes with 1011; shutdown closes with 1001; ``stop``,
-    a hang-up or ``calls.max_call_s`` closes with 1000. Unknown events are ignored (logged
-    at debug).
+    The upgrade consumes the one-time token: exactly one upgrade gets the call and its TTS
+    reservation; any other with the same signed URL is refused (403). Outcomes (each is one
+    WARNING line at most, and touches no other call): a bad signature or an unknown, expired
+    or used token is refused with 403 before the upgrade; a frame or an event order that
+    breaks the protocol, a flood, or no ``start`` within ``twilio.start_timeout_s`` closes
+    with 1008; an internal failure (a send timeout on a stalled reader, a crashed speaker)
+    closes with 1011; shutdown closes with 1001; ``stop``, a hang-up or ``calls.max_call_s``
+    closes with 1000. Unknown events are ignored (logged at debug).
     """
     svc = services(request)
     settings = svc.settings
-    token = request.match_info["token"]
     base = _public_base(request, settings)
     _check_twilio_signature(request, websocket_url(base, request.path), {})
-    binding = svc.tokens.peek(token)
+    _, worker, voices = svc.require()
+    binding = svc.tokens.consume(request.match_info["token"])
     if binding is None:
         svc.metrics.rejected_total.labels(reason="bad_stream_token").inc()
-        log.warning("refused a media stream with an unknown or expired token")
-        raise web.HTTPForbidden(text="unknown or expired stream token")
-    _, worker, voices = svc.require()
+        log.warning("refused a media stream with an unknown, expired or used token")
+        raise web.HTTPForbidden(text="unknown, expired or used stream token")
+    # From here this handler owns the binding's reservation: the call releases it when it ends.
     ws = web.WebSocketResponse(max_msg_size=settings.twilio.max_message_bytes, autoping=True,
                                writer_limit=WS_WRITER_CHECK_BYTES)
     transport = _limit_send_buffer(request, settings.audio.send_buffer_bytes)
-    await ws.prepare(request)
+    leg = TwilioLeg(ws, call_sid=binding.call_sid, twilio=settings.twilio, lead_ms=settings.audio.lead_ms,
+                    transport=transport)
+    call = Call(leg=leg, voice=voices.get(binding.voice), settings=settings, worker=worker, metrics=svc.metrics,
+                greeting=binding.greeting, reservation=binding.reservation, fallback_ulaw8k=svc.fallback_ulaw8k,
+                agent=svc.agent)
+    svc.connecting.add(call)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        svc.connecting.discard(call)
+        await call.end("error: upgrade failed")
+        raise
     svc.sockets.add(ws)
-    call = Call(
-        call_sid=binding.call_sid,
-        voice=voices.get(binding.voice),
-        settings=settings,
-        worker=worker,
-        metrics=svc.metrics,
-        send_text=ws.send_str,
-        greeting=binding.greeting,
-        reservation=binding.reservation,
-        fallback_ulaw8k=svc.fallback_ulaw8k,
-    )
+    reason = "shutdown"  # unless the reader returns: the server cancelled this handler
+    try:
+        reason = await _read_media_stream(ws, leg, call, svc.calls, lambda: svc.shutting_down, settings)
+    finally:
+        svc.connecting.discard(call)
+        call.on_leg_event(LegEnded(reason))  # the call ends (a no-op if it ended elsewhere)...
+        with contextlib.suppress(asyncio.CancelledError):
+            await call.ended.wait()  # ...and has closed the socket with the code for its end reason
+        if svc.calls.get(call.call_sid) is call:
+            del svc.calls[call.call_sid]
+        for observe in svc.call_observers:
+            observe(call)
+    return ws
 
-    async def close_when_ended() -> None:
-        # The one place that closes this socket: whoever ends the call (this handler, the
-        # call's own writer on a send timeout, a hang-up, shutdown), the peer gets the code
-        # for the reason, and a receive() in progress returns at once.
-        await call.ended.wait()
-        await close_socket(ws, transport, close_code_for(call.end_reason), call.end_reason,
-                           settings.audio.send_timeout_s)
 
-    closer = asyncio.create_task(close_when_ended(), name=f"close-{call.call_sid}")
-    reason = "hangup: caller"
-    agent_task: asyncio.Task[None] | None = None
+async def _read_media_stream(ws: web.WebSocketResponse, leg: TwilioLeg, call: Call, calls: dict[str, Call],
+                             shutting_down: Callable[[], bool], settings: Settings) -> str:
+    """Read the socket until the leg ends; hand each event to the call. Returns the leg's end reason."""
     limiter = _RateLimit(settings.twilio.max_messages_per_s)
     started_by = time.monotonic() + settings.twilio.start_timeout_s
     over_at = time.monotonic() + settings.calls.max_call_s
@@ -252,79 +226,33 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
             if msg is None:  # a deadline passed
                 if connecting:
                     raise ProtocolError("start_timeout", f"no start within {settings.twilio.start_timeout_s} s")
-                reason = "hangup: max_call_s"
                 call.log.warning("call reached calls.max_call_s = %.0f s: hanging up", settings.calls.max_call_s)
-                break
+                return "hangup: max_call_s"
             if call.state is CallState.ENDED:  # ended elsewhere while we waited
-                reason = call.end_reason
-                break
+                return call.end_reason
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                reason = "hangup: socket closed" if call.state is not CallState.CONNECTING else "error: closed before start"
-                if svc.shutting_down:
-                    reason = "shutdown"
-                break
+                if shutting_down():
+                    return "shutdown"
+                return "hangup: socket closed" if call.state is not CallState.CONNECTING else "error: closed before start"
             if msg.type is WSMsgType.ERROR:
                 if isinstance(ws.exception(), Exception) and "size" in str(ws.exception()).lower():
                     raise ProtocolError("too_large", str(ws.exception()))
-                reason = f"error: socket {type(ws.exception()).__name__}"
-                break
+                return f"error: socket {type(ws.exception()).__name__}"
             if not limiter.hit():
                 raise ProtocolError("flood", f"more than {settings.twilio.max_messages_per_s} messages in a second")
-            data = msg.data if msg.type is WSMsgType.TEXT else bytes(msg.data)
-            event = call.protocol.receive(data)
+            event = leg.receive(msg.data if msg.type is WSMsgType.TEXT else bytes(msg.data))
             if isinstance(event, Start):
-                if svc.tokens.consume(token) is None or event.call_sid != binding.call_sid:
-                    raise ProtocolError("call_mismatch", "start does not match the call this stream was issued for")
-                if binding.call_sid in svc.calls:
+                if call.call_sid in calls:
                     raise ProtocolError("duplicate_call", "this call already has a media stream")
-                svc.calls[call.call_sid] = call
-                if svc.agent is not None:
-                    agent_task = _start_agent(request.app, svc.agent, call)
-                call.begin(event)
-                continue
-            if not call.on_event(event):
-                reason = "hangup: stop"
-                break
+                calls[call.call_sid] = call
+                call.begin()
+            elif isinstance(event, LegEnded):
+                return event.reason
+            elif event is not None:
+                call.on_leg_event(event)
             if call.state is CallState.ENDED:
-                reason = call.end_reason
-                break
+                return call.end_reason
     except ProtocolError as exc:
-        reason = f"protocol_error: {exc.code}"
-        svc.metrics.protocol_errors_total.labels(code=exc.code).inc()
+        call.metrics.protocol_errors_total.labels(code=exc.code).inc()
         call.log.warning("ending call on protocol error %s: %s", exc.code, exc.message)
-    except asyncio.CancelledError:
-        reason = "shutdown"
-        raise
-    finally:
-        if agent_task is not None:
-            agent_task.cancel()
-        svc.tokens.discard(token)  # a stream that ended before `start` frees its slot at once
-        await call.end(reason)  # no-op if it ended elsewhere; wakes the closer
-        with contextlib.suppress(asyncio.CancelledError):
-            await closer
-        if svc.calls.get(call.call_sid) is call:
-            del svc.calls[call.call_sid]
-        for observe in svc.call_observers:
-            observe(call)
-    return ws
-
-
-def _start_agent(app: web.Application, agent: Agent, call: Call) -> asyncio.Task[None]:
-    """Subscribe the agent to the call's events (before ``begin``, so it sees call_started)."""
-    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
-    call.listeners.add(events)
-
-    async def act(reply: AgentReply) -> None:
-        if call.state is not CallState.ACTIVE:
-            return
-        try:
-            if reply.say:
-                call.add_turn(reply.say, close=True, interrupt=reply.interrupt, source="agent")
-            elif reply.interrupt:
-                call.interrupt(reason="interrupted by the agent")
-        except TurnRejected as exc:
-            call.log.warning("agent turn refused: %s", exc)
-        if reply.hangup:
-            asyncio.get_running_loop().create_task(hang_up(app, call))
-
-    return asyncio.create_task(run_agent(agent, events, call.view, act, call.call_sid), name=f"agent-{call.call_sid}")
+        return f"protocol_error: {exc.code}"

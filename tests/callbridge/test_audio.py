@@ -14,6 +14,7 @@ from callbridge.audio import (
     CHUNK_BYTES,
     InboundAudio,
     OutboundAudio,
+    fade_out_chunk,
     g711,
     pcm16_to_ulaw,
     pcm16_to_ulaw_numpy,
@@ -196,28 +197,22 @@ def test_drop_discards_everything_pending() -> None:
     assert out.push(sig) + out.finish() == fresh.push(sig) + fresh.finish()
 
 
-def test_fade_out_continues_and_ramps_to_silence() -> None:
-    sig = tone(440, 0.5, amp=0.5)
-    out = OutboundAudio()
-    sent = out.push(sig[:4800])  # 200 ms in, some of it held back
-    faded = out.fade_out(10)
-    assert len(faded) == 1 and len(faded[0]) == CHUNK_BYTES
-    pcm = ulaw_to_pcm16(faded[0]).astype(np.float64) / 32767
-    # The first faded samples continue the tone at about full level (no step at the seam)...
-    reference = ulaw_to_pcm16(b"".join(run_all(sig[:4800], []))).astype(np.float64) / 32767
-    seam = len(b"".join(sent))
-    assert np.allclose(pcm[:4], reference[seam : seam + 4], atol=0.05)
+def test_fade_out_chunk_starts_at_full_level_and_ramps_to_silence() -> None:
+    chunk = pcm16_to_ulaw((tone(440, 0.02, amp=0.5, rate=8000) * 32767).astype(np.int16))
+    assert len(chunk) == CHUNK_BYTES
+    faded = fade_out_chunk(chunk, 10)
+    assert len(faded) == CHUNK_BYTES
+    pcm = ulaw_to_pcm16(faded).astype(np.float64) / 32767
+    original = ulaw_to_pcm16(chunk).astype(np.float64) / 32767
+    # The first samples are the chunk at about full level (no step where the cut was)...
+    assert np.allclose(pcm[:4], original[:4], atol=0.05)
     # ...and reach silence within 10 ms (80 samples); the rest of the chunk is silence.
     assert np.abs(pcm[70:80]).max() < 0.05
-    assert faded[0][80:] == b"\xff" * 80
-    assert out.pending_samples == 0
-    assert out.fade_out() == []  # nothing left to fade
-
-
-def test_fade_out_longer_than_a_chunk() -> None:
-    out = OutboundAudio()
-    out.push(tone(440, 0.3))
-    assert len(out.fade_out(30)) == 2
+    assert faded[80:] == b"\xff" * 80
+    assert fade_out_chunk(chunk, 0) == b"\xff" * CHUNK_BYTES
+    assert fade_out_chunk(chunk, 40) != fade_out_chunk(chunk, 10)  # longer than a chunk: the whole chunk ramps
+    with pytest.raises(ValueError):
+        fade_out_chunk(chunk, -1)
 
 
 def test_outbound_argument_checks() -> None:
@@ -230,8 +225,6 @@ def test_outbound_argument_checks() -> None:
         out.push(np.zeros((10, 2), dtype=np.float32))
     assert out.push(np.zeros(0, dtype=np.float32)) == []
     assert len(out.push(np.zeros(960, dtype=np.float64))) in (0, 1, 2)  # float64 is converted
-    with pytest.raises(ValueError):
-        out.fade_out(-1)
 
 
 def test_converters_are_independent() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import string
 from dataclasses import replace
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from callbridge.audio import CHUNK_BYTES, InboundAudio, OutboundAudio, pcm16_to_ulaw, ulaw_to_pcm16
 from callbridge.audio.vad import BargeInDetector
-from callbridge.calls.call import Call, CallState, TurnRejected
+from callbridge.calls.turns import TurnQueue, TurnRejected
 from callbridge.config import Settings
 from callbridge.metrics import Metrics
 from callbridge.transports.twilio import (
@@ -200,7 +201,7 @@ _TURN = st.tuples(
     st.integers(0, 6000),  # 24 kHz samples
     st.integers(0, 2**32 - 1),  # seed
     st.floats(0.0, 4.0),  # level: above 1.0 clips
-    st.sampled_from(["finish", "finish", "drop", "fade"]),
+    st.sampled_from(["finish", "finish", "drop"]),
 )
 
 
@@ -208,10 +209,8 @@ def _one_turn(out: OutboundAudio, pcm: np.ndarray, cuts: list[tuple[int, int]], 
     chunks = [c for a, b in cuts for c in out.push(pcm[a:b])]
     if end == "finish":
         chunks += out.finish()
-    elif end == "drop":
-        out.drop()
     else:
-        chunks += out.fade_out(10.0)
+        out.drop()
     return chunks
 
 
@@ -220,7 +219,7 @@ def _one_turn(out: OutboundAudio, pcm: np.ndarray, cuts: list[tuple[int, int]], 
 def test_each_turn_on_a_reused_converter_equals_a_fresh_one(
     data: st.DataObject, turns: list[tuple[int, int, float, str]], quality: str
 ) -> None:
-    """Finish, drop (barge-in after clear) and fade-out all leave no state behind: turn k on
+    """Finish and drop (barge-in after clear) both leave no state behind: turn k on
     the call's converter is byte for byte what a new converter makes of it with the same cuts;
     a finished turn is also what one push makes of it (chunked equals whole)."""
     shared = OutboundAudio(quality)
@@ -233,7 +232,7 @@ def test_each_turn_on_a_reused_converter_equals_a_fresh_one(
         if end == "finish":
             assert got == _one_turn(OutboundAudio(quality), pcm, [(0, n)], end)
             assert len(got) == math.ceil(((n + 1) // 3) / CHUNK_BYTES)
-        assert len(got) <= math.ceil(((n + 1) // 3) / CHUNK_BYTES) + (end == "fade")
+        assert len(got) <= math.ceil(((n + 1) // 3) / CHUNK_BYTES)
 
 
 @FAST
@@ -265,17 +264,11 @@ def test_normalize_text_cut_at_whitespace_equals_whole(parts: list[str], data: s
     assert normalize_text(whole) == normalize_text(joined)
 
 
-def _call(max_word_chars: int = 16) -> Call:
-    async def send(_: str) -> None:
-        return None
-
+def _turns(max_word_chars: int = 16) -> TurnQueue:
+    """A call's turn queue (where every text limit is checked), without a call around it."""
     base = Settings()
-    settings_ = replace(base, bargein=replace(base.bargein, enabled=False),
-                        calls=replace(base.calls, max_word_chars=max_word_chars, max_turn_chars=10_000))
-    call = Call(call_sid=CALL, voice=None, settings=settings_, worker=None,  # type: ignore[arg-type]
-                metrics=Metrics(), send_text=send)
-    call.state = CallState.ACTIVE
-    return call
+    limits = replace(base.calls, max_word_chars=max_word_chars, max_turn_chars=10_000, max_queued_turns=10)
+    return TurnQueue(CALL, limits, Metrics(), lambda event: None, logging.LoggerAdapter(logging.getLogger("test")))
 
 
 def _accepted(run: Any) -> bool:
@@ -295,10 +288,15 @@ _TEXT = st.text(alphabet=st.sampled_from(list("abcxyz \n\t\u00a0\u3000")) | st.c
 def test_the_word_limit_is_the_same_whole_or_streamed_in_any_chunks(text: str, data: st.DataObject) -> None:
     """A word may be split across an LLM's chunks: the open word carries over, so a text is
     refused (400) streamed exactly when it is refused whole, and accepted text arrives intact."""
-    whole = _accepted(lambda: _call().add_turn(text, close=True))
-    call = _call()
-    turn = call.add_turn(None, close=False)
-    streamed = all(_accepted(lambda a=a, b=b: call.push_text(turn, text[a:b])) for a, b in splits(data, len(text)))
+    def whole_turn() -> None:
+        turns = _turns()
+        turns.check_text(text)
+        turns.add(text, close=True, interrupt=False, source="api")
+
+    whole = _accepted(whole_turn)
+    turns = _turns()
+    turn = turns.add(None, close=False, interrupt=False, source="stream")
+    streamed = all(_accepted(lambda a=a, b=b: turns.push_text(turn, text[a:b])) for a, b in splits(data, len(text)))
     assert streamed == whole
     if whole:
         parts = [turn.text_parts.get_nowait() for _ in range(turn.text_parts.qsize())]

@@ -398,7 +398,7 @@ async def test_stop_or_disconnect_mid_turn_frees_the_stream_slot_before_the_next
         assert worker is not None
         async with raw_call(service, 300) as call:
             slot = await holding_turn(call)
-            stream = await worker.call(lambda r: r.streams[slot])
+            stream = await worker.run_in_thread(lambda r: r.streams[slot])
             if how == "stop":
                 await call.send("stop", stop={"accountSid": ACCOUNT, "callSid": call.call_sid})
             else:  # the network drops: no stop, no close frame
@@ -409,7 +409,7 @@ async def test_stop_or_disconnect_mid_turn_frees_the_stream_slot_before_the_next
             await until(lambda: call.call_sid not in service.svc.calls, "the call is gone")
             # A command queued after the call ended runs before the worker's next step (FIFO):
             # the stream is already cancelled and out of the runner.
-            freed = await worker.call(lambda r: stream.done and r.streams.get(slot) is not stream)
+            freed = await worker.run_in_thread(lambda r: stream.done and r.streams.get(slot) is not stream)
             assert freed
         clean((await healthy).to_json())
         await until(lambda: service.svc.calls == {}, "every call is gone")
@@ -454,7 +454,7 @@ async def test_a_step_that_raises_plays_the_fallback_and_the_call_goes_on(tiny_r
         assert worker is not None
         async with raw_call(service, 400) as call:
             slot = await holding_turn(call)
-            await worker.call(lambda r: r.engine.slots[slot].text.pending_tokens.append(BAD_TOKEN))
+            await worker.run_in_thread(lambda r: r.engine.slots[slot].text.pending_tokens.append(BAD_TOKEN))
             await until(lambda: bool(call.turn_done(0)), "the failing turn ends")
             [failed] = call.turn_done(0)
             assert failed["state"] == "failed" and "IndexError" in failed["error"]

@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -331,24 +331,3 @@ async def test_plain_tts_socket(service: Service) -> None:
                 assert last == 1 and len(audio) > 0 and len(audio) % width == 0
             await ws.send_json({"type": "tts", "text": "", "format": "pcm_24k"})
             assert (await ws.receive_json())["event"] == "error"
-
-
-def test_old_generation_marks_are_not_heard() -> None:
-    """After a clear, Twilio echoes every pending mark: those audio chunks were dropped, not heard."""
-    from callbridge.calls.call import Call, CallState, SentMark, Turn, TurnState
-    from callbridge.metrics import Metrics
-
-    async def send(_: str) -> None:
-        return None
-
-    settings = replace(Settings(), bargein=replace(Settings().bargein, enabled=False))
-    call = Call(call_sid="CA" + "3" * 32, voice=None, settings=settings, worker=None,  # type: ignore[arg-type]
-                metrics=Metrics(), send_text=send)
-    call.state = CallState.ACTIVE
-    turn = Turn(id="t1", seq=1, interrupt=False, source="api", state=TurnState.SENT)
-    call.pending_marks = {"old": SentMark(turn, 0, ["stale"], False), "new": SentMark(turn, 1, ["fresh"], True)}
-    call.generation = 1
-    call._on_mark("old")
-    call._on_mark("new")
-    assert turn.heard == ["fresh"] and turn.state is TurnState.DONE
-    assert call.stats.stale_echoes == 1

@@ -176,7 +176,7 @@ async def test_a_stream_whose_step_raises_fails_while_the_other_completes(
     await first_frame(bad_frames)
     slot = bad.slot
     assert slot is not None
-    await worker.call(lambda r: r.engine.slots[slot].text.pending_tokens.append(BAD_TOKEN))
+    await worker.run_in_thread(lambda r: r.engine.slots[slot].text.pending_tokens.append(BAD_TOKEN))
     with pytest.raises(TurnFailed, match="IndexError"):
         async with asyncio.timeout(TIMEOUT_S):
             async for _ in bad_frames:
@@ -221,7 +221,7 @@ async def test_model_steps_never_run_on_the_event_loop_thread(
 
         runner.step = step  # type: ignore[method-assign]
 
-    await worker.call(spy)
+    await worker.run_in_thread(spy)
     handle = await worker.open_turn(tiny_snapshot, GenerationConfig(seed=4), turn_id="t", text=TURN, close=True)
     frames = await collect(handle)
     assert frames and handle.status is StreamStatus.DONE

@@ -541,18 +541,6 @@ def test_outbound_argument_checks() -> None:
         proto.mark_message("")
 
 
-def test_mark_echoes_are_tracked() -> None:
-    proto = started()
-    for name in ("a", "b", "c", "d"):
-        proto.mark_message(name)
-    assert proto.pending_marks == ("a", "b", "c", "d")
-    proto.receive(j(mark_msg("a", seq=2)))
-    proto.receive(j(mark_msg("c", seq=3)))  # "b" was skipped
-    proto.receive(j(mark_msg("zz", seq=4)))  # never sent
-    assert proto.pending_marks == ("d",)
-    assert proto.marks_out_of_order == 1 and proto.marks_unknown == 1
-
-
 # --------------------------------------------------------------------------- TwiML
 
 

@@ -12,7 +12,6 @@ import base64
 import enum
 import json
 import logging
-from collections import deque
 from typing import Final
 
 from .wire import (
@@ -20,7 +19,6 @@ from .wire import (
     MAX_MESSAGE_BYTES,
     Connected,
     Event,
-    Mark,
     Media,
     ProtocolError,
     Start,
@@ -60,8 +58,9 @@ class MediaStreamProtocol:
 
     Feed every text frame to :meth:`receive`; send what :meth:`media_message`,
     :meth:`mark_message` and :meth:`clear_message` return as text frames. Call
-    :meth:`close` when the socket goes away. Anomalies that are not errors (sequence gaps,
-    marks echoed out of order) are counted, never raised.
+    :meth:`close` when the socket goes away. Anomalies that are not errors (sequence and
+    media chunk gaps) are counted, never raised. Which marks are pending, and what an echo
+    means, is the call's bookkeeping (:class:`callbridge.calls.playout.Playout`), not the wire's.
     """
 
     def __init__(self, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
@@ -72,20 +71,12 @@ class MediaStreamProtocol:
         self.messages_received = 0
         self.sequence_gaps = 0  # sequenceNumber did not count up by one
         self.media_gaps = 0  # media.chunk did not count up by one (lost or reordered audio)
-        self.marks_out_of_order = 0  # an echo that skipped older pending marks
-        self.marks_unknown = 0  # an echo of a name we never sent (or already echoed)
         self._last_sequence: int | None = None
         self._last_chunk: int | None = None
-        self._pending_marks: deque[str] = deque()
 
     @property
     def stream_sid(self) -> str | None:
         return None if self.start is None else self.start.stream_sid
-
-    @property
-    def pending_marks(self) -> tuple[str, ...]:
-        """Names of marks sent and not yet echoed, oldest first."""
-        return tuple(self._pending_marks)
 
     def _move(self, new: StreamState) -> None:
         if new not in _TRANSITIONS[self.state]:
@@ -134,8 +125,6 @@ class MediaStreamProtocol:
             if self._last_chunk is not None and event.chunk != self._last_chunk + 1:
                 self.media_gaps += 1
             self._last_chunk = event.chunk
-        elif isinstance(event, Mark):
-            self._echoed(event.name)
         elif isinstance(event, Stop):
             self._move(StreamState.STOPPED)
         return event
@@ -144,16 +133,6 @@ class MediaStreamProtocol:
         if self._last_sequence is not None and number != self._last_sequence + 1:
             self.sequence_gaps += 1
         self._last_sequence = number
-
-    def _echoed(self, name: str) -> None:
-        if self._pending_marks and self._pending_marks[0] == name:
-            self._pending_marks.popleft()
-        elif name in self._pending_marks:
-            # Echoes follow the single playback queue, so this means a lost echo.
-            while self._pending_marks.popleft() != name:
-                self.marks_out_of_order += 1
-        else:
-            self.marks_unknown += 1
 
     def close(self) -> None:
         """The socket is gone (idempotent). Any later call raises ``closed``."""
@@ -181,7 +160,6 @@ class MediaStreamProtocol:
         sid = self._sid_for_send()
         if not name:
             raise ValueError("a mark needs a non-empty name")
-        self._pending_marks.append(name)
         return json.dumps({"event": "mark", "streamSid": sid, "mark": {"name": name}}, separators=(",", ":"))
 
     def clear_message(self) -> str:
