@@ -8,14 +8,12 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from ..calls.call import Call, CallState
 from ..calls.leg import LegEnded
-from ..config import Settings
 from ..transports.twilio import (
     ProtocolError,
     Start,
@@ -28,7 +26,7 @@ from ..transports.twilio import (
 )
 from ..transports.twilio.leg import TwilioLeg
 from ..voices import VoiceError
-from .services import _public_base, services
+from .services import Services, _public_base, services
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +194,7 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
     svc.sockets.add(ws)
     reason = "shutdown"  # unless the reader returns: the server cancelled this handler
     try:
-        reason = await _read_media_stream(ws, leg, call, svc.calls, lambda: svc.shutting_down, settings)
+        reason = await _read_media_stream(ws, leg, call, svc)
     finally:
         svc.connecting.discard(call)
         call.on_leg_event(LegEnded(reason))  # the call ends (a no-op if it ended elsewhere)...
@@ -209,9 +207,9 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _read_media_stream(ws: web.WebSocketResponse, leg: TwilioLeg, call: Call, calls: dict[str, Call],
-                             shutting_down: Callable[[], bool], settings: Settings) -> str:
+async def _read_media_stream(ws: web.WebSocketResponse, leg: TwilioLeg, call: Call, svc: Services) -> str:
     """Read the socket until the leg ends; hand each event to the call. Returns the leg's end reason."""
+    settings = svc.settings
     limiter = _RateLimit(settings.twilio.max_messages_per_s)
     started_by = time.monotonic() + settings.twilio.start_timeout_s
     over_at = time.monotonic() + settings.calls.max_call_s
@@ -231,7 +229,7 @@ async def _read_media_stream(ws: web.WebSocketResponse, leg: TwilioLeg, call: Ca
             if call.state is CallState.ENDED:  # ended elsewhere while we waited
                 return call.end_reason
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                if shutting_down():
+                if svc.shutting_down:
                     return "shutdown"
                 return "hangup: socket closed" if call.state is not CallState.CONNECTING else "error: closed before start"
             if msg.type is WSMsgType.ERROR:
@@ -242,9 +240,10 @@ async def _read_media_stream(ws: web.WebSocketResponse, leg: TwilioLeg, call: Ca
                 raise ProtocolError("flood", f"more than {settings.twilio.max_messages_per_s} messages in a second")
             event = leg.receive(msg.data if msg.type is WSMsgType.TEXT else bytes(msg.data))
             if isinstance(event, Start):
-                if call.call_sid in calls:
+                if call.call_sid in svc.calls:
                     raise ProtocolError("duplicate_call", "this call already has a media stream")
-                calls[call.call_sid] = call
+                svc.connecting.discard(call)
+                svc.calls[call.call_sid] = call
                 call.begin()
             elif isinstance(event, LegEnded):
                 return event.reason

@@ -60,10 +60,15 @@ async def test_a_webhook_agent_speaks_on_call_start_and_hangs_up_on_dtmf(tiny_ru
             from callbridge.sim import simulate_call
 
             report = (await simulate_call(cfg, 0)).to_json()
+            # The agent is sent call_ended too (its task used to be cancelled before the event went out).
+            async with asyncio.timeout(60):
+                while not any(e["event"] == "call_ended" for e in seen):
+                    await asyncio.sleep(0.02)
     finally:
         await runner.cleanup()
     kinds = [e["event"] for e in seen]
     assert kinds[0] == "call_started" and "dtmf" in kinds and "turn_done" in kinds
+    assert kinds[-1] == "call_ended" and seen[-1]["reason"] == "hangup: agent"  # the hang-up's true reason
     assert report["protocol_errors"] == [] and report["lost_or_reordered"] == 0
     assert report["chunks"] > 0  # the agent's welcome was spoken
     assert report["ended_by"] == "rest"  # and its hang-up went through Twilio's REST API

@@ -31,7 +31,9 @@ import pytest
 import soundfile as sf
 from aiohttp import web
 
-from callbridge.calls.call import FALLBACK_SILENCE_MS, TurnRejected, load_fallback_audio
+from callbridge.audio import ulaw_to_pcm16
+from callbridge.calls.fallback import FALLBACK_SILENCE_MS, load_fallback_audio
+from callbridge.calls.turns import TurnRejected
 from callbridge.config import Settings, SettingsError
 from callbridge.sim import FakeTwilioRest, SimConfig, simulate_call
 from callbridge.transports.twilio import compute_signature
@@ -275,10 +277,10 @@ async def holding_turn(call: RawCall) -> int:
     await call.text_socket()
     await call.say(type="text", text=HOLDING)
     live = call.service.svc.calls[call.call_sid]
-    await until(lambda: live.current is not None and live.current.handle is not None and call.media_chunks > 0,
+    await until(lambda: live.turns.current is not None and live.turns.current.handle is not None and call.media_chunks > 0,
                 "the holding turn speaks")
-    assert live.current is not None and live.current.handle is not None and live.current.handle.slot is not None
-    return live.current.handle.slot
+    assert live.turns.current is not None and live.turns.current.handle is not None and live.turns.current.handle.slot is not None
+    return live.turns.current.handle.slot
 
 
 # ------------------------------------------------------------------ 1. bad input on the media stream
@@ -352,7 +354,7 @@ async def test_unknown_events_and_any_payload_length_keep_the_call_up(
         for n in (0, 1, 7, 161, 4000):  # while the bot talks, so the barge-in detector reads them
             await call.media(bytes([0xFF]) * n)
         live = service.svc.calls[call.call_sid]
-        await until(lambda: bool(live.history) and live.history[-1].state.value == "done", "the turn plays out")
+        await until(lambda: bool(live.turns.history) and live.turns.history[-1].state.value == "done", "the turn plays out")
         await call.send("stop", stop={"accountSid": ACCOUNT, "callSid": call.call_sid})
         await until(lambda: call.closed, "closed after stop")
         assert call.close_code == 1000
@@ -553,7 +555,7 @@ async def test_shutdown_drains_marks_then_closes_every_call_with_going_away(tiny
             await until(lambda: len(service.svc.calls) == 2, "the second call started")
             [live] = [c for c in service.svc.calls.values() if c.call_sid != idle.call_sid]
             # All of the turn is generated and queued; most of it is still to be sent and heard.
-            await until(lambda: live.current is not None and live.current.state.value == "sent", "turn generated")
+            await until(lambda: live.turns.current is not None and live.turns.current.state.value == "sent", "turn generated")
             draining = asyncio.create_task(drain_calls(service.app))  # on SIGTERM, before cleanup()
             await until(lambda: service.svc.shutting_down, "shutdown began")
             with pytest.raises(TurnRejected) as refused:
@@ -566,7 +568,7 @@ async def test_shutdown_drains_marks_then_closes_every_call_with_going_away(tiny
             report = (await finishing).to_json()
             assert report["error"] is None and report["ended_by"] == "service"
             assert report["marks_echoed"] == report["marks_sent"] > 0 and report["lost_or_reordered"] == 0
-            assert live.history[-1].state.value == "done"  # its end mark came back: heard to the end
+            assert live.turns.history[-1].state.value == "done"  # its end mark came back: heard to the end
             assert live.end_reason == "shutdown"  # closed with close_code_for("shutdown") == 1001
             assert idle.close_code == 1001
         assert worker.closed and worker.active == 0
@@ -581,7 +583,7 @@ async def test_shutdown_cuts_a_call_that_does_not_drain_in_time(tiny_runtime: Di
             live = service.svc.calls[endless.call_sid]
             await service.shutdown()
             await until(lambda: endless.closed, "closed")
-            assert endless.close_code == 1001 and live.history[-1].state.value == "interrupted"
+            assert endless.close_code == 1001 and live.turns.history[-1].state.value == "interrupted"
         assert worker.closed and worker.active == 0
 
 
@@ -702,3 +704,85 @@ def test_redact_url() -> None:
     assert redact_url("GET /twilio/stream/abc-DEF_1 HTTP/1.1") == "GET /twilio/stream/[redacted] HTTP/1.1"
     assert redact_url("GET /calls?tokens=1") == "GET /calls?tokens=1"
 
+
+
+# ------------------------------------------------------------------ the call core behind the Twilio leg
+
+
+async def test_a_stream_token_is_consumed_by_exactly_one_upgrade(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """Before the fix the upgrade only peeked at the token: a second upgrade with the same
+    signed URL built a second call holding the first one's reservation, and its closing before
+    `start` released that reservation under the live call. Now the second upgrade gets 403 and
+    the first call keeps its slot, speaks, and gives the slot back once."""
+    async with running(tiny_runtime, tmp_path) as service, aiohttp.ClientSession() as http:
+        worker = service.svc.worker
+        assert worker is not None
+        call_sid = sid("CA", 950)
+        url = stream_url_of(await admit(http, service, call_sid))
+        path, headers = url.removeprefix("wss://bridge.test"), {"X-Twilio-Signature": compute_signature(AUTH, url, {})}
+        async with http.ws_connect(service.base + path, headers=headers) as first:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(service.base + path, headers=headers)  # the same signed URL again
+            assert err.value.status == 403
+            assert worker.free == worker.capacity - 1  # the first call's reservation is still held
+            await first.send_str(json.dumps(start_message(call_sid, "MZ" + call_sid[2:])))
+            await until(lambda: call_sid in service.svc.calls, "the call started")
+            async with http.post(f"{service.base}/calls/{call_sid}/turns", headers=service.headers,
+                                 json={"text": "Still here."}) as resp:
+                assert resp.status == 202
+            live = service.svc.calls[call_sid]
+
+            async def play_twilio() -> None:  # echo every mark at once
+                async for msg in first:
+                    data = json.loads(msg.data)
+                    if data["event"] == "mark":
+                        await first.send_str(json.dumps({"event": "mark", "sequenceNumber": "9",
+                                                         "streamSid": data["streamSid"], "mark": data["mark"]}))
+
+            echoer = asyncio.create_task(play_twilio())
+            await until(lambda: bool(live.turns.history) and live.turns.history[-1].ended, "the turn played")
+            echoer.cancel()
+            await asyncio.gather(echoer, return_exceptions=True)
+            assert live.turns.history[-1].state.value == "done"
+        await until(lambda: service.svc.calls == {}, "the call is gone")
+        no_slot_left(service)
+
+
+async def test_two_hang_ups_drain_once_and_call_twilio_once(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """Before the fix each POST /hangup drained and called Twilio's REST API on its own, and the
+    end reason was always "api"; now a second hang-up joins the first: one REST request."""
+    async with running(tiny_runtime, tmp_path) as service, raw_call(service, 960) as call:
+        await call.text_socket()
+        for _ in range(2):
+            async with call.http.post(f"{service.base}/calls/{call.call_sid}/hangup", headers=service.headers) as resp:
+                assert resp.status == 202
+        await until(lambda: any(e.get("event") == "call_ended" for e in call.events), "the call ended")
+        [ended] = [e for e in call.events if e.get("event") == "call_ended"]
+        assert ended["reason"] == "hangup: api"
+        assert [r.call_sid for r in service.rest.requests] == [call.call_sid]
+
+
+async def test_every_caller_frame_reaches_the_call_while_the_bot_is_silent(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """Caller audio used to be dropped whenever the bot was silent; now every media frame, in
+    order, reaches the call's caller-audio consumers (barge-in now, a transcriber next)."""
+    async with running(tiny_runtime, tmp_path) as service, raw_call(service, 970) as call:
+        live = service.svc.calls[call.call_sid]
+        heard: list[np.ndarray] = []
+        live.caller_audio.append(lambda audio: heard.append(audio.pcm16))
+        payloads = [bytes([(i * 7 + j) % 256 for j in range(160)]) for i in range(40)]
+        for payload in payloads:
+            await call.media(payload)
+        await until(lambda: len(heard) == len(payloads), "every frame reached the consumer")
+        assert all(np.array_equal(pcm, ulaw_to_pcm16(p)) for pcm, p in zip(heard, payloads, strict=True))
+        assert live.bargein is not None and live.bargein.frames_seen == len(payloads)
+
+
+async def test_a_queued_turn_says_whether_it_plays_now_or_waits(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    async with running(tiny_runtime, tmp_path) as service, raw_call(service, 980) as call:
+        turns = f"{service.base}/calls/{call.call_sid}/turns"
+        answers = []
+        for text in ("First one.", "Second one.", "Third one."):
+            async with call.http.post(turns, headers=service.headers, json={"text": text}) as resp:
+                assert resp.status == 202
+                answers.append(await resp.json())
+        assert [(a["status"], a["ahead"]) for a in answers] == [("playing", 0), ("queued", 1), ("queued", 2)]
