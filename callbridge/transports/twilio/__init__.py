@@ -1,7 +1,9 @@
-"""Twilio: Media Streams (wire format, connection state machine), TwiML, signatures, REST hang-up.
+"""Twilio: Media Streams (wire format, connection state machine), TwiML, signatures, REST hang-up,
+and the Twilio leg of a call.
 
 Sans-I/O modules (``wire``, ``protocol``, ``twiml``, ``signatures``) are re-exported here; the
-REST hang-up (``rest``) does I/O and is imported from its module.
+REST hang-up (``rest``) and the leg (``leg``: a :class:`callbridge.calls.leg.Leg` over the media
+socket) do I/O and are imported from their modules.
 """
 
 from .protocol import MediaStreamProtocol, StreamState

@@ -105,7 +105,7 @@ def compute_signature(
     *,
     algorithm: str = HMAC_SHA1,
 ) -> str:
-    """The ``X-Twilio-Signature`` Twilio would send (for the simulator and tests)."""
+    """The ``X-Twilio-Signature`` Twilio would send (for tests; the simulator signs with its own code)."""
     return str(RequestValidator(auth_token).compute_signature(url, _adapt(params), algorithm=algorithm))
 
 

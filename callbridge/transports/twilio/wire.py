@@ -346,7 +346,8 @@ def parse_message(text: str | bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> E
 
 
 def dump_event(event: Event) -> str:
-    """The JSON text Twilio would send for ``event`` (the simulator's side; inverse of parsing)."""
+    """The JSON text Twilio would send for ``event`` (inverse of parsing; for tests: the simulator
+    has its own wire code by design, so it checks the service from outside)."""
     msg: dict[str, Any]
     if isinstance(event, Connected):
         msg = {"event": "connected", "protocol": event.protocol, "version": event.version}
@@ -427,7 +428,7 @@ _OUTBOUND_KEYS: Final = {
 
 
 def parse_outbound(text: str | bytes, *, max_bytes: int = 16 * 1024 * 1024) -> OutboundMessage:
-    """Parse a message *we* send, as strictly as Twilio does (the simulator and tests use it).
+    """Parse a message *we* send, as strictly as Twilio does (for tests; the simulator has its own).
 
     Extra or missing fields, unknown events, binary frames and a mark without a name all
     raise :class:`ProtocolError`. The stream id is returned, not checked.
