@@ -112,7 +112,6 @@ class TurnQueue:
         self.queued: deque[Turn] = deque()
         self.current: Turn | None = None  # speaking, or sent and still playing
         self.history: deque[Turn] = deque(maxlen=50)
-        self.accepted = 0  # turns accepted over the call
         self._ids = itertools.count(1)
         self._ready = asyncio.Event()
 
@@ -147,9 +146,8 @@ class TurnQueue:
             raise TurnRejected(
                 429, f"{len(self.queued)} turns already wait on call {self.call_sid}; send fewer or use interrupt"
             )
-        self.accepted += 1
-        turn = Turn(id=f"{self.call_sid[-6:]}-{next(self._ids)}", seq=self.accepted, interrupt=interrupt,
-                    source=source)
+        seq = next(self._ids)  # 1, 2, … over the call: in the turn id, the marker names and the seed
+        turn = Turn(id=f"{self.call_sid[-6:]}-{seq}", seq=seq, interrupt=interrupt, source=source)
         if text:
             self.push_text(turn, text)
         if close:

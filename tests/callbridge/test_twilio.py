@@ -8,6 +8,7 @@ import json
 import xml.etree.ElementTree as ET
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -720,3 +721,58 @@ def test_public_and_websocket_urls() -> None:
             public_url(bad, "/v")
     with pytest.raises(ValueError):
         websocket_url("https://b", "/m?token=1")
+
+
+# --------------------------------------------------------------------------- the Twilio leg
+
+
+class _Socket:
+    """What the leg needs of an aiohttp WebSocketResponse, recording what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+        self.close_code: int | None = None
+
+    async def send_str(self, data: str) -> None:
+        self.sent.append(json.loads(data))
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        self.closed, self.close_code = True, code
+        return True
+
+
+async def test_the_twilio_leg_turns_frames_into_leg_events_and_sends_twilio_messages() -> None:
+    from callbridge.calls.leg import CallerAudio, CallerDigit, LegEnded, MarkerPlayed
+    from callbridge.config import Settings
+    from callbridge.transports.twilio.leg import TwilioLeg
+
+    socket = _Socket()
+    leg = TwilioLeg(socket, call_sid=CALL, twilio=Settings().twilio, lead_ms=120)  # type: ignore[arg-type]
+    assert (leg.info.carrier, leg.info.carrier_call_id, leg.info.media_id) == ("twilio", CALL, "")
+    assert leg.receive(j(connected_msg())) is None
+    start = leg.receive(j(start_msg()))
+    assert isinstance(start, Start) and leg.info.media_id == SID
+    audio = leg.receive(j(media_msg(seq=2, chunk=1, payload=b"\xff\x7f\x00" * 3)))
+    assert isinstance(audio, CallerAudio) and audio.sample_rate == 8000
+    assert audio.pcm16.dtype == np.int16 and audio.pcm16.shape == (9,)
+    await leg.send_audio(b"\xff" * 160)
+    await leg.send_marker("t1-g0-m1")
+    await leg.clear()
+    assert [m["event"] for m in socket.sent] == ["media", "mark", "clear"]
+    assert socket.sent[1] == {"event": "mark", "streamSid": SID, "mark": {"name": "t1-g0-m1"}}
+    assert leg.receive(j(mark_msg("t1-g0-m1", seq=3))) == MarkerPlayed("t1-g0-m1")
+    assert leg.receive(j(dtmf_msg("5", seq=4))) == CallerDigit("5")
+    assert leg.receive(j(stop_msg(5))) == LegEnded("hangup: stop")
+    await leg.close("hangup: stop", timeout_s=1.0)
+    assert socket.closed and socket.close_code == 1000
+
+
+def test_the_twilio_leg_refuses_a_start_for_another_call() -> None:
+    from callbridge.config import Settings
+    from callbridge.transports.twilio.leg import TwilioLeg
+
+    leg = TwilioLeg(_Socket(), call_sid="CA" + "7" * 32, twilio=Settings().twilio, lead_ms=120)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError) as info:
+        leg.receive(j(start_msg()))
+    assert info.value.code == "call_mismatch"
