@@ -162,3 +162,48 @@ def test_simulator_imports_nothing_of_the_service() -> None:
     bad = [(m, d) for m, deps in graph().items() if m.startswith("callbridge.sim")
            for d in deps if d.startswith("callbridge") and not d.startswith("callbridge.sim")]
     assert not bad, bad
+
+
+def _assignments_and_calls(path: Path) -> tuple[set[str], set[str]]:
+    """Module-level names assigned in ``path``, and names called anywhere in it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    assigned = {t.id for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    called = {node.func.id if isinstance(node.func, ast.Name) else node.func.attr for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute)}
+    return assigned, called
+
+
+def test_one_rule_in_one_place() -> None:
+    """Each rule of the service is written once (the simulator keeps its own copies by design:
+    it checks the service from outside): the 20 ms chunk constants in ``audio/g711.py``, the
+    sampling settings → ``GenerationConfig`` in ``tts.py``, the fade-out in ``audio/convert.py``,
+    the pending marks in ``calls/playout.py``."""
+    owners = {"CHUNK_BYTES": "callbridge/audio/g711.py", "CHUNK_MS": "callbridge/audio/g711.py",
+              "ULAW_SILENCE": "callbridge/audio/g711.py"}
+    bad: list[str] = []
+    for path in sorted((ROOT / "callbridge").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel.startswith("callbridge/sim/"):
+            continue
+        assigned, called = _assignments_and_calls(path)
+        bad += [f"{rel} defines {name} (it lives in {owners[name]})" for name in assigned & owners.keys()
+                if owners[name] != rel]
+        if "GenerationConfig" in called and rel != "callbridge/tts.py":
+            bad.append(f"{rel} builds a GenerationConfig (use callbridge.tts.generation_config)")
+        source = path.read_text(encoding="utf-8")
+        if "def fade_out" in source and rel != "callbridge/audio/convert.py":
+            bad.append(f"{rel} has its own fade-out (use callbridge.audio.fade_out_chunk)")
+        if "pending_marks" in source:
+            bad.append(f"{rel} tracks pending marks (the call's playout does)")
+    assert not bad, "\n".join(bad)
+
+
+def test_names_that_do_not_collide() -> None:
+    """A worker's "run this on your thread" is not a phone call, and a call's playback epoch is
+    not the TTS generation (its config is ``generation_config``)."""
+    from callbridge import tts
+    from callbridge.calls.call import Call
+
+    assert not hasattr(tts.TtsWorker, "call") and not hasattr(tts, "_Call")
+    assert not hasattr(Call, "generation") and not hasattr(Call, "generation_config")
