@@ -176,12 +176,18 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         log.warning("refused a media stream with an unknown, expired or used token")
         raise web.HTTPForbidden(text="unknown, expired or used stream token")
     # From here this handler owns the binding's reservation: the call releases it when it ends.
+    try:
+        voice = voices.get(binding.voice)
+    except VoiceError:  # removed since the webhook admitted the call
+        binding.reservation.release()
+        log.warning("call %s: its voice is gone; refusing the media stream", binding.call_sid)
+        raise web.HTTPServiceUnavailable(text="the call's voice is no longer available") from None
     ws = web.WebSocketResponse(max_msg_size=settings.twilio.max_message_bytes, autoping=True,
                                writer_limit=WS_WRITER_CHECK_BYTES)
     transport = _limit_send_buffer(request, settings.audio.send_buffer_bytes)
     leg = TwilioLeg(ws, call_sid=binding.call_sid, twilio=settings.twilio, lead_ms=settings.audio.lead_ms,
                     transport=transport)
-    call = Call(leg=leg, voice=voices.get(binding.voice), settings=settings, worker=worker, metrics=svc.metrics,
+    call = Call(leg=leg, voice=voice, settings=settings, worker=worker, metrics=svc.metrics,
                 greeting=binding.greeting, reservation=binding.reservation, fallback_ulaw8k=svc.fallback_ulaw8k,
                 agent=svc.agent)
     svc.connecting.add(call)
@@ -192,9 +198,12 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         await call.end("error: upgrade failed")
         raise
     svc.sockets.add(ws)
-    reason = "shutdown"  # unless the reader returns: the server cancelled this handler
+    reason = "error: media stream handler failed"
     try:
         reason = await _read_media_stream(ws, leg, call, svc)
+    except asyncio.CancelledError:  # the server is shutting down
+        reason = "shutdown"
+        raise
     finally:
         svc.connecting.discard(call)
         call.on_leg_event(LegEnded(reason))  # the call ends (a no-op if it ended elsewhere)...
