@@ -103,7 +103,8 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from .random_checkpoint import write_random_checkpoint
 
     _say(f"writing a random {args.shape} checkpoint to {args.out} (seed {args.seed})")
-    out = write_random_checkpoint(args.out, args.shape, seed=args.seed, mimi=args.mimi)
+    out = write_random_checkpoint(args.out, args.shape, seed=args.seed, mimi=args.mimi,
+                                  depformer_text_embedding=args.depformer_text_embedding)
     _say(f"done: {out}")
     return 0
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--shape", choices=["tiny", "1b", "2b"], default="tiny")
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--mimi", choices=["tiny", "full"], default=None, help="Mimi size (default: tiny for tiny, else full)")
+    rc.add_argument("--depformer-text-embedding", action="store_true",
+                    help="give the depformer a text embedding (config text_embedding: true; released models have none)")
     rc.set_defaults(func=cmd_random_checkpoint)
     return parser
 

@@ -5,7 +5,7 @@ Why: a Dia2 step is ~30 decoder layers plus 31 depformer stages of tiny kernels;
 one by one from Python the GPU mostly waits for the host. Replaying a captured graph
 launches the whole step at once (dia2-format.md §9).
 
-- :class:`CUDAGraphed` runs a function through one CUDA graph: warm-up calls and capture on
+- :class:`CUDAGraphed` runs a function through one CUDA graph: pre-capture eager runs and capture on
   the first call, then copy the new inputs into the captured tensors and replay. Unlike
   upstream (§9.2) the capturing call replays right away, so its results are real.
 - :func:`no_cuda_graphs` and the ``DIA2_CUDA_GRAPHS=0`` env var turn every graph off (moshi
@@ -38,7 +38,8 @@ ENV_VAR = "DIA2_CUDA_GRAPHS"
 _OFF_VALUES = ("0", "false", "no", "off")
 _switched_off = 0  # depth of open no_cuda_graphs() blocks: the one process-wide switch
 
-# The sampled action that starts a word (state_machine.process: 1 = new word, else pad).
+# The sampled actions (state_machine.process: 1 = new word, 0 = pad).
+ACTION_PAD = 0
 ACTION_NEW_WORD = 1
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -127,14 +128,14 @@ class GraphMemory:
 class CUDAGraphed(Generic[T]):
     """Run ``fn(*tensors)`` through one CUDA graph (moshi ``CUDAGraphed``).
 
-    First call: ``warmup_calls`` eager runs on a side stream (lazy inits, cuBLAS workspaces,
+    First call: ``pre_capture_runs`` eager runs on a side stream (lazy inits, cuBLAS workspaces,
     allocator), capture, then replay, so the first call's results are real (capture alone
     runs nothing). Later calls copy the inputs into the captured tensors and replay. The
     outputs are the captured tensors themselves: valid until the next replay of any graph
     sharing the pool; clone what must live longer.
 
     Contract: ``fn`` takes tensors, keeps no Python state that changes between calls, does
-    no host sync, and is idempotent for one input (the first call runs it 1 + warmup_calls
+    no host sync, and is idempotent for one input (the first call runs it 1 + pre_capture_runs
     times on the same inputs). Input shapes, dtypes and devices are fixed at the first call,
     with or without graphs, so misuse fails the same way on CPU and GPU.
 
@@ -146,13 +147,13 @@ class CUDAGraphed(Generic[T]):
         fn: Callable[..., T],
         *,
         name: str = "graph",
-        warmup_calls: int = 1,
+        pre_capture_runs: int = 1,
         disable: bool = False,
         memory: GraphMemory | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
-        self.warmup_calls = warmup_calls
+        self.pre_capture_runs = pre_capture_runs
         self.disable = disable
         self.memory = memory  # None: a pool and stream of its own, made at capture
         self._signature: list[tuple[torch.Size, torch.dtype, torch.device]] | None = None
@@ -205,8 +206,8 @@ class CUDAGraphed(Generic[T]):
         with torch.cuda.device(device):
             current = torch.cuda.current_stream(device)
             side.wait_stream(current)
-            with torch.cuda.stream(side):  # warm up on the capture stream (cuBLAS workspace, allocator)
-                for _ in range(self.warmup_calls):
+            with torch.cuda.stream(side):  # pre-capture runs on the capture stream (cuBLAS workspace, allocator)
+                for _ in range(self.pre_capture_runs):
                     self.fn(*self._static_inputs)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=memory.pool, stream=side):
@@ -349,7 +350,7 @@ class DeviceStep:
             graphed = self._with_depformer if depformer else self._without_depformer
             return graphed(self.inputs)
 
-    def warm_up(self) -> None:
+    def capture(self) -> None:
         """Run (and, with graphs, capture) both variants on idle rows: no slot listed, so nothing
         observable changes (KV slot 0 of each row and depformer scratch are rewritten before use)."""
         self.stage([self.idle_row()] * self.n)
@@ -429,10 +430,9 @@ class DeviceStep:
             # Text of column t+1: the host staged both outcomes of the action; pick on device.
             word = (actions == ACTION_NEW_WORD)[:, None]
             nxt = torch.where(word, inputs[:, In.WORD_MAIN : In.WORD_SECOND + 1], inputs[:, In.PAD_MAIN : In.PAD_SECOND + 1])
-            text = (
-                _interleave(nxt[:, 0], torch.full_like(nxt[:, 0], self.text_zero)),
-                _interleave(nxt[:, 1], torch.full_like(nxt[:, 1], self.text_pad)),
-            )
+            # Both CFG rows get the conditional row's text (as the reference runtime does: its
+            # stage-0 text tensors are filled with the state machine's output for every branch).
+            text = (_interleave(nxt[:, 0], nxt[:, 0]), _interleave(nxt[:, 1], nxt[:, 1]))
         # Each stage is teacher-forced from column t+1 as it now stands (the sampled code, or
         # the prompt's own code in the continuation zone). Clamp: rows of unlisted slots may
         # hold the ungenerated sentinel; their outputs are ignored.

@@ -125,12 +125,16 @@ def write_random_checkpoint(
     *,
     mimi: Literal["tiny", "full"] | None = None,
     config_overrides: dict[str, dict[str, Any]] | None = None,
+    depformer_text_embedding: bool = False,
 ) -> Path:
     """Write a complete random model folder. ``config_overrides`` maps a block ("data", "runtime",
-    "decoder", "depformer") to keys to replace, for tests that need e.g. a short context."""
+    "decoder", "depformer") to keys to replace, for tests that need e.g. a short context.
+    ``depformer_text_embedding``: give the depformer a text embedding (``text_embedding: true``;
+    the released checkpoints have none, the loader's default has one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = shape_config(shape)
+    raw["model"]["depformer"]["text_embedding"] = depformer_text_embedding
     for block, values in (config_overrides or {}).items():
         target = raw["model"][block] if block in ("decoder", "depformer") else raw[block]
         target.update(values)
