@@ -4,7 +4,7 @@ Shapes: B rows (2 per stream: conditional, unconditional), C channels (2 text + 
 T steps, E decoder width, e depformer width, S depformer stages (K - 1).
 
 The KV caches are not module state: they are preallocated by the caller for its maximum
-number of rows (:func:`DecoderCache.allocate`) and passed in, so one model serves any set
+number of rows (:meth:`Dia2Model.allocate_decoder_cache`) and passed in, so one model serves any set
 of streams and a voice snapshot is a copy of cache rows.
 """
 

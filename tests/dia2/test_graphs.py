@@ -215,7 +215,7 @@ def test_env_var_and_context_manager_switch_graphs_off(graphs_env: pytest.Monkey
         StepEngine(tiny_runtime.model, tiny_runtime.rules(), use_cuda_graphs=True)
     engine = StepEngine(tiny_runtime.model, tiny_runtime.rules())
     assert not engine.use_cuda_graphs and not engine.static_shapes  # CPU default: plain eager
-    engine.warm_up_graphs()  # a no-op without graphs
+    engine.capture_graphs()  # a no-op without graphs
 
 
 def test_bf16_policy_weights_bf16_heads_fp32_caches_bf16(tiny_runtime: Dia2) -> None:
