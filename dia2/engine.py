@@ -30,21 +30,24 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .errors import StreamError
+from .errors import DeviceLost, StreamError, is_device_lost
 from .graphs import (
     ACTION_NEW_WORD,
     ACTION_PAD,
     DeviceStep,
+    Edge,
     EngineBuffers,
     GraphMemory,
+    OutputGuard,
     SlotInputs,
     StepTensors,
     bucket_for,
     buckets_upto,
     resolve_use_cuda_graphs,
+    use_tf32,
 )
 from .model import Dia2Model, KVCache
-from .sampling import GenerationConfig
+from .sampling import MAX_TOP_K, GenerationConfig, check_top_k
 from .state_machine import StateRules, TextState, needs_text, process
 
 UNGENERATED = -2  # buffer sentinel: never fed, never decoded
@@ -171,6 +174,7 @@ class StepEngine:
         *,
         use_cuda_graphs: bool | None = None,
         static_shapes: bool | None = None,
+        max_top_k: int = MAX_TOP_K,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -190,7 +194,9 @@ class StepEngine:
         if self.use_cuda_graphs and static_shapes is False:
             raise ValueError("CUDA graphs replay fixed shapes: use static_shapes=None or True with use_cuda_graphs")
         self.static_shapes = self.use_cuda_graphs if static_shapes is None else static_shapes
+        self.max_top_k = max_top_k
         dev = self.device
+        use_tf32(dev)
         self.delay_tensor = torch.tensor(self.delays, device=dev)
         columns = self.context + self.max_delay + 2
         # Static shapes: slots up to the next bucket exist on the device and are never listed.
@@ -213,6 +219,7 @@ class StepEngine:
         # One graph memory pool for every bucket: graphs run one at a time and the engine reads
         # a step's outputs before the next replay.
         self._graph_memory = GraphMemory.new(dev) if self.use_cuda_graphs else None
+        self._outputs = OutputGuard()  # that rule, enforced: one step's outputs are read before the next runs
         self._device_steps: list[DeviceStep | None] = [None] * (n + 1)  # index: rows of slots
         if self.use_cuda_graphs:
             self.capture_graphs()
@@ -223,6 +230,13 @@ class StepEngine:
         return [i for i, s in enumerate(self.slots) if s is None]
 
     def _load_settings(self, slot: int, gen: GenerationConfig) -> None:
+        cfg = self.config
+        try:
+            check_top_k("text top_k", gen.text.top_k, cfg.data.action_vocab_size, self.max_top_k)
+            check_top_k("audio top_k", gen.audio.top_k, cfg.audio_logit_limit, self.max_top_k)
+            check_top_k("cfg_filter_k", gen.cfg_filter_k, cfg.audio_logit_limit, self.max_top_k)
+        except ValueError as exc:
+            raise StreamError(f"{exc} (or build the StepEngine with a larger max_top_k)") from None
         b = self.buffers
         b.seeds[slot] = gen.seed
         b.text_temp[slot] = gen.text.temperature
@@ -342,7 +356,7 @@ class StepEngine:
         step = self._device_steps[n]
         if step is None:
             step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs,
-                              memory=self._graph_memory)
+                              memory=self._graph_memory, guard=self._outputs, max_top_k=self.max_top_k)
             self._device_steps[n] = step
         return step
 
@@ -394,24 +408,39 @@ class StepEngine:
             st.position + 1 - min(self.delays[1:] or [0]) >= st.prompt_frames for st in states
         )
         attend = None if self.static_shapes else max(r.position for r in rows) + 1
-        out = device_step(depformer=need_depformer, attend_slots=attend)
-        edge = out.edge.cpu()  # the one device→host copy: [n, 1 + K] actions and emitted codes
-        actions_host: list[int] = edge[:, 0].tolist()
-        if self.check_invariants:
-            self._check_fed(out, slots)
-
-        # Host side, staged: each slot's next host state is computed on copies, the step's last
-        # device reads (records) are done, and only then is everything committed with plain
-        # assignments that cannot raise. So a step that raises anywhere leaves every slot's host
-        # state as it was, and the same step can be run again (alone, by the runner).
-        plans = [self._plan_host(s, st, actions_host[s], hold, emit) for s, st, emit in zip(slots, states, emits)]
-        records = [self._record(s, st, out, actions_host[s]) if st.record is not None else None
-                   for s, st in zip(slots, states)]
+        try:
+            out = device_step(depformer=need_depformer, attend_slots=attend)
+            try:
+                edge = out.edge.cpu()  # the one device→host copy: [n, 2 + K] actions, flags, emitted codes
+                actions_host: list[int] = edge[:, Edge.ACTION].tolist()
+                valid: list[int] = edge[:, Edge.VALID].tolist()
+                if self.check_invariants:
+                    self._check_fed(out, slots)
+                bad = [s for s in slots if not valid[s]]
+                if bad:
+                    raise StreamError(f"slots {bad} fed or emitted an id outside its table (clamped on the device); "
+                                      "their state is corrupt")
+                # Host side, staged: each slot's next host state is computed on copies, the step's
+                # last device reads (records) are done, and only then is everything committed with
+                # plain assignments that cannot raise. So a step that raises anywhere leaves every
+                # slot's host state as it was, and the same step can be run again (alone, by the runner).
+                plans = [self._plan_host(s, st, actions_host[s], hold, emit)
+                         for s, st, emit in zip(slots, states, emits)]
+                records = [self._record(s, st, out, actions_host[s]) if st.record is not None else None
+                           for s, st in zip(slots, states)]
+            finally:
+                self._outputs.release()
+        except RuntimeError as exc:
+            if self.device.type == "cuda" and is_device_lost(exc):
+                raise DeviceLost(f"the {self.device} context failed during a step ({exc}); "
+                                 "restart the process that owns this runtime") from exc
+            raise
         frames: list[FrameOut] = []
         for s, plan in zip(slots, plans):
             if plan.emit_frame is not None:
                 words = [w for w, step in plan.text.transcript if step + 1 == plan.emit_frame]
-                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=edge[s, 1:].clone(), words=words))
+                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=edge[s, Edge.CODES :].clone(),
+                                       words=words))
         # Commit: nothing below raises.
         for st, plan, record in zip(states, plans, records):
             plan.commit(st)
