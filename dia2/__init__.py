@@ -15,7 +15,9 @@ these names. A test (tests/test_layering.py) holds callbridge to it.
   :class:`StreamStatus`, :class:`AudioFrame`.
 - Text: :func:`normalize_text` (what the front end keeps of a text), :data:`FRAME_RATE_HZ`.
 - Audio files: :func:`write_wav`, :func:`synthetic_speechlike` (a speech-like test signal).
-- Errors: :class:`Dia2Error` and its subclasses.
+- Errors: :class:`Dia2Error` and its subclasses; :class:`DeviceLost` (the CUDA context is
+  gone: rebuild the runtime in a new process; :meth:`StreamRunner.step` raises it instead of
+  failing streams one by one).
 """
 
 from .audio_io import synthetic_speechlike, write_wav
@@ -24,6 +26,7 @@ from .config import load_config
 from .errors import (
     CheckpointError,
     ConfigError,
+    DeviceLost,
     Dia2Error,
     PromptError,
     ScriptError,
@@ -51,6 +54,7 @@ __all__ = [
     "AudioFrame",
     "CheckpointError",
     "ConfigError",
+    "DeviceLost",
     "Dia2",
     "Dia2Error",
     "GenerationConfig",
