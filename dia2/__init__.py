@@ -7,7 +7,9 @@ these names. A test (tests/test_layering.py) holds callbridge to it.
 - Loading and whole utterances: :class:`Dia2` (``Dia2.load``), :class:`GenerationConfig`,
   :class:`SamplingParams`, :class:`GenerationResult`, :func:`resolve_checkpoint`,
   :func:`load_config`; random checkpoints of the official layout for tests and demos:
-  :func:`write_random_checkpoint`, :func:`is_random_checkpoint`.
+  :func:`write_random_checkpoint`, :func:`is_random_checkpoint`, :func:`resolve_random_model`
+  (``random-tiny`` → its folder, written once); :data:`MAX_TOP_K`, the largest ``top_k`` /
+  ``cfg_filter_k`` below the vocabulary that a step accepts (0 means no cut).
 - Voices: :class:`VoicePrompt`, :class:`PromptClip`, :class:`WordTiming`; snapshots
   :class:`VoiceSnapshot`, :func:`build_snapshot`, :func:`load_snapshot`, :data:`LAYOUTS`,
   :data:`Layout`, :func:`identity_of`, :func:`weights_identity`.
@@ -33,9 +35,9 @@ from .errors import (
     SnapshotError,
     StreamError,
 )
-from .random_checkpoint import is_random_checkpoint, write_random_checkpoint
+from .random_checkpoint import is_random_checkpoint, resolve_random_model, write_random_checkpoint
 from .runtime import Dia2, GenerationResult, PromptClip, VoicePrompt
-from .sampling import GenerationConfig, SamplingParams
+from .sampling import MAX_TOP_K, GenerationConfig, SamplingParams
 from .snapshot import (
     LAYOUTS,
     Layout,
@@ -51,6 +53,7 @@ from .text import FRAME_RATE_HZ, WordTiming, normalize_text
 __all__ = [
     "FRAME_RATE_HZ",
     "LAYOUTS",
+    "MAX_TOP_K",
     "AudioFrame",
     "CheckpointError",
     "ConfigError",
@@ -78,6 +81,7 @@ __all__ = [
     "load_config",
     "load_snapshot",
     "normalize_text",
+    "resolve_random_model",
     "resolve_checkpoint",
     "synthetic_speechlike",
     "weights_identity",
