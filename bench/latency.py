@@ -8,8 +8,8 @@ chunk handed to that socket, so the figure is the server's share only (no networ
 
 Per turn, on one ``time.monotonic`` clock (the worker's own timestamps use it too):
 
-- prepare: accepted → turn opened. 0 for ours; the per-turn prompt warm-up for the naive path
-  (queued behind other turns' warm-ups on the one worker thread, as it would be in a server);
+- prepare: accepted → turn opened. 0 for ours; the per-turn prompt prefill for the naive path
+  (queued behind other turns' prefills on the one worker thread, as it would be in a server);
 - restore: opened → stream started on the worker thread (waiting for the step in flight, then
   the snapshot copy; the copy alone is ``restore_copy_ms`` in the JSON);
 - first frame: started → first complete frame on the worker, over ``steps_to_first_frame``
@@ -168,13 +168,13 @@ class RunnerProbe:
         return spans
 
 
-def naive_warm_up(runtime: Dia2, prompt: VoicePrompt, snapshot: VoiceSnapshot) -> Callable[[StreamRunner], VoiceSnapshot]:
+def naive_prefill(runtime: Dia2, prompt: VoicePrompt, snapshot: VoiceSnapshot) -> Callable[[StreamRunner], VoiceSnapshot]:
     """A worker-thread function: teacher-force ``prompt`` and prime the Mimi decoder in a free
     slot, returning a live snapshot to start the turn from (bench/stream.py ``naive_turn``)."""
 
     def run(runner: StreamRunner) -> VoiceSnapshot:
-        slot = runner.engine.free_slots()[0]  # scratch only: warm_up leaves the slot free
-        state, codes = runtime.warm_up(runner.engine, slot, prompt)
+        slot = runner.engine.free_slots()[0]  # scratch only: prefill_prompt leaves the slot free
+        state, codes = runtime.prefill_prompt(runner.engine, slot, prompt)
         runner.decoder.reset_rows([slot])
         with torch.inference_mode():
             runner.decoder.decode(codes[None].to(runtime.codec.device), rows=[slot])
@@ -265,7 +265,7 @@ async def play(handle: TurnHandle, side: LoopSide, quality: str, lead_ms: float,
 async def run_turn(worker: TtsWorker, snapshot: VoiceSnapshot, text: str, seed: int, *,
                    naive: Callable[[StreamRunner], VoiceSnapshot] | None, quality: str, lead_ms: float,
                    max_frames: int | None, timeout_s: float) -> tuple[TurnHandle, LoopSide]:
-    """Accept one turn now, open it on the worker (after a warm-up for the naive path), play it.
+    """Accept one turn now, open it on the worker (after a prompt prefill for the naive path), play it.
 
     Bounded by ``timeout_s`` from accept to the turn's end; a turn cut by it raises TimeoutError
     (the bench fails rather than report a figure for a turn that never finished).
@@ -346,7 +346,7 @@ async def run_path(path: str, runtime: Dia2, snapshot: VoiceSnapshot, prompt: Vo
     warm_up_s = await worker.ready()
     graphs = bool(await worker.run_in_thread(lambda runner: getattr(runner.engine, "use_cuda_graphs", False)))
     probe: RunnerProbe = await worker.run_in_thread(RunnerProbe)
-    naive = naive_warm_up(runtime, prompt, snapshot) if path == "naive" else None
+    naive = naive_prefill(runtime, prompt, snapshot) if path == "naive" else None
     samples: list[TurnSample] = []
     seed = 0
     try:

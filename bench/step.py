@@ -1,4 +1,5 @@
-"""Step time p50/p99 by batch size (streams stepped together), eager against CUDA-graphed.
+"""Step time p50/p99 by batch size (streams stepped together), eager against CUDA-graphed, and
+the device operations one step dispatches.
 
 For random checkpoints of the tiny, Dia2-1B and Dia2-2B shapes (same compute per step as the
 released weights), it starts B streams (1, 2, 4, … 32) in one engine and times single batched
@@ -9,10 +10,18 @@ the same run; on CPU there are no graphs and that column is n/a.
 
 Eager steps attend over the filled cache slots only, so they get slower as a turn goes on;
 graphed steps attend over the whole cache (fixed shape) at every position. The timed window
-(positions warm-up … warm-up + steps) is in the report.
+(positions warm-up … warm-up + steps) is in the report. The dropped steps are at least the
+max delay (18): before that no depformer stage runs, and a timed window there would show a
+transformer-only step (~2 ms for tiny) instead of a full one.
+
+Operation counts (``ops_full_step``, ``ops_transformer_step`` per shape and batch; also
+``kernels_*``, the same without views): ATen operations dispatched by one device step with
+every depformer stage, and by one transformer-only step (the continuation zone), counted on
+the meta device at the shape's real size (no memory, no compute; the same on any machine, so
+comparable across commits). See dia2/diagnostics.py.
 
     python bench/step.py [--quick] [--shapes tiny,1b,2b] [--batches 1,2,4] [--device cuda|cpu]
-                         [--steps N] [--warmup N] [--json PATH] [--plot PATH]
+                         [--steps N] [--warmup N] [--ops-only] [--json PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,10 +40,12 @@ import torch
 from common import ROOT, git_commit, make_clock, model_folder
 
 from dia2.checkpoint import load_model, pick_device_and_dtype, resolve_checkpoint
+from dia2.config import parse_config
+from dia2.diagnostics import meta_engine, step_op_counts
 from dia2.engine import StepEngine
 from dia2.graphs import bucket_for
 from dia2.model import Dia2Model
-from dia2.random_checkpoint import SHAPES
+from dia2.random_checkpoint import SHAPES, shape_config
 from dia2.sampling import GenerationConfig
 from dia2.state_machine import StateRules, new_text_state
 from dia2.text import TextTokenizer, parse_script
@@ -54,6 +66,7 @@ class StepFigures:
     p99_ms: float
     mean_ms: float
     steps: int  # timed steps (after the dropped warm-up ones)
+    host_p50_ms: float  # of which host planning: staging the rows (text previews) + the per-slot plans
 
 
 def load(shape: str, device: str) -> tuple[Dia2Model, StateRules, TextTokenizer]:
@@ -66,39 +79,92 @@ def load(shape: str, device: str) -> tuple[Dia2Model, StateRules, TextTokenizer]
     return model, rules, tokenizer
 
 
+class HostClock:
+    """Time spent in the engine's host planning (StepEngine._input_rows and _plan_host), per step.
+    Plain wall time of Python code: no device sync is needed, the host half never waits on the device."""
+
+    def __init__(self, engine: StepEngine) -> None:
+        self.spent = 0.0
+        for name in ("_input_rows", "_plan_host"):
+            setattr(engine, name, self._timed(getattr(engine, name)))
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent += time.perf_counter() - start
+
+        return run
+
+
 def time_batch(engine: StepEngine, tokenizer: TextTokenizer, batch: int, warmup: int, steps: int,
-               now: Callable[[], float]) -> list[float]:
-    """Step ``batch`` fresh streams ``warmup + steps`` times; the timed steps' ms."""
+               now: Callable[[], float]) -> tuple[list[float], list[float]]:
+    """Step ``batch`` fresh streams ``warmup + steps`` times; the timed steps' ms, and the host
+    planning ms of each."""
     entries = parse_script(tokenizer, SCRIPT)
     slots = list(range(batch))
     for slot in slots:
         text = new_text_state(engine.rules, entries, closed=False)  # open: holds, never ends
         engine.start_fresh(slot, GenerationConfig(seed=slot), text, tokenizer.bos_id)
     times: list[float] = []
+    host: list[float] = []
+    clock = HostClock(engine)
     try:
         for i in range(warmup + steps):
+            clock.spent = 0.0
             start = now()
             engine.step(slots)
             end = now()
             if i >= warmup:
                 times.append((end - start) * 1e3)
+                host.append(clock.spent * 1e3)
     finally:
         for slot in slots:
             engine.release(slot)
-    return times
+        for name in ("_input_rows", "_plan_host"):
+            vars(engine).pop(name, None)
+    return times, host
 
 
-def bench_shape(shape: str, device: str, batches: list[int], warmup: int, steps: int) -> tuple[
+def count_shape(shape: str, batches: list[int]) -> dict[str, dict[str, int]]:
+    """Operations of one full and one transformer-only step at batch 1 and the largest batch,
+    counted on the meta device (keyed by batch, as a string for JSON)."""
+    engine = meta_engine(parse_config(shape_config(shape)), max(batches))  # type: ignore[arg-type]
+    counts: dict[str, dict[str, int]] = {}
+    for batch in sorted({1, max(batches)}):
+        got = step_op_counts(engine, batch)
+        counts[str(batch)] = {
+            "rows": got.rows,
+            "ops_full_step": got.full.ops,
+            "ops_transformer_step": got.transformer.ops,
+            "kernels_full_step": got.full.kernels,
+            "kernels_transformer_step": got.transformer.kernels,
+        }
+        c = counts[str(batch)]
+        print(f"  {shape} batch {batch:>2}: {c['ops_full_step']} ops per full step ({c['kernels_full_step']} "
+              f"non-view), {c['ops_transformer_step']} transformer-only ({c['kernels_transformer_step']})", flush=True)
+    return counts
+
+
+def bench_shape(shape: str, device: str, batches: list[int], warmup: int | None, steps: int) -> tuple[
     list[StepFigures], dict[str, Any]
 ]:
     model, rules, tokenizer = load(shape, device)
+    if warmup is None:
+        warmup = model.config.data.max_delay
+    if warmup < model.config.data.max_delay:
+        print(f"  note: {warmup} dropped steps < max delay {model.config.data.max_delay}: "
+              "the first timed steps run no depformer", flush=True)
     if warmup + steps >= model.config.runtime.max_context_steps:
         raise SystemExit(f"--warmup + --steps must stay under the {shape} context "
                          f"({model.config.runtime.max_context_steps} steps)")
     now = make_clock(model.device)
     modes = ["eager", "graphed"] if model.device.type == "cuda" else ["eager"]
     figures: list[StepFigures] = []
-    info: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch.")}
+    info: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch."), "warmup_steps": warmup,
+                            "positions": [warmup, warmup + steps - 1]}
     for mode in modes:
         t0 = now()
         # Graphed: every bucket's graphs are captured here, at construction.
@@ -106,14 +172,16 @@ def bench_shape(shape: str, device: str, batches: list[int], warmup: int, steps:
         if mode == "graphed":
             info["capture_s"] = now() - t0
         for batch in batches:
-            times = time_batch(engine, tokenizer, batch, warmup, steps, now)
+            times, host = time_batch(engine, tokenizer, batch, warmup, steps, now)
             rows = bucket_for(batch) if engine.static_shapes else batch
             figures.append(StepFigures(
                 shape=shape, mode=mode, batch=batch, rows=rows, p50_ms=float(np.percentile(times, 50)),
                 p99_ms=float(np.percentile(times, 99)), mean_ms=float(np.mean(times)), steps=len(times),
+                host_p50_ms=float(np.percentile(host, 50)),
             ))
             f = figures[-1]
-            print(f"  {shape} {mode:<7} batch {batch:>2}: p50 {f.p50_ms:8.2f} ms  p99 {f.p99_ms:8.2f} ms", flush=True)
+            print(f"  {shape} {mode:<7} batch {batch:>2}: p50 {f.p50_ms:8.2f} ms  p99 {f.p99_ms:8.2f} ms  "
+                  f"(host planning p50 {f.host_p50_ms:.2f} ms)", flush=True)
         del engine
         gc.collect()  # a device step and its graph wrappers refer to each other
         if model.device.type == "cuda":
@@ -139,6 +207,16 @@ def table(figures: list[StepFigures], shapes: list[str], batches: list[int]) -> 
             speedup = f"{eager.p50_ms / graphed.p50_ms:6.2f}x" if eager and graphed else f"{'n/a':>7}"
             lines.append(f"{shape:<6} {batch:>5}  {ms(eager)}  {ms(graphed)}  {speedup:>7}  "
                          f"{realtime(eager)} {realtime(graphed)}")
+    return "\n".join(lines)
+
+
+def ops_table(ops: dict[str, Any]) -> str:
+    """Operations per step by shape and batch: full step and transformer-only, all ops and non-view."""
+    lines = [f"{'shape':<6} {'batch':>5}  {'ops full':>9} {'kernels':>8}  {'ops transf.':>11} {'kernels':>8}"]
+    for shape, by_batch in ops.items():
+        for batch, c in by_batch.items():
+            lines.append(f"{shape:<6} {batch:>5}  {c['ops_full_step']:>9} {c['kernels_full_step']:>8}  "
+                         f"{c['ops_transformer_step']:>11} {c['kernels_transformer_step']:>8}")
     return "\n".join(lines)
 
 
@@ -175,11 +253,14 @@ def plot(figures: list[StepFigures], shapes: list[str], path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI size: tiny only, batches 1,2,4, 3 + 10 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI size: tiny only, batches 1,2,4, 18 dropped + 10 timed steps")
     parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)} (default: all)")
     parser.add_argument("--batches", default=None, help="comma list of streams per step (default 1,2,4,8,16,32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=None, help="dropped steps per batch (default 10; quick 3)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="dropped steps per batch (default: the max delay, 18, so every timed step runs the depformer)")
+    parser.add_argument("--ops-only", action="store_true", help="count operations only (no model, no timing)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per batch (default 100; quick 10)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--plot", type=Path, default=None,
@@ -193,27 +274,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = sorted({int(b) for b in (args.batches or ("1,2,4" if args.quick else ",".join(map(str, BATCHES)))).split(",")})
     if batches[0] < 1:
         parser.error("batch sizes must be >= 1")
-    warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
+    warmup: int | None = args.warmup
     steps = args.steps if args.steps is not None else (10 if args.quick else 100)
     if steps < 1:
         parser.error("--steps must be >= 1")
 
     device = torch.device(args.device)
     device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    print(f"step time on {device_name}, {torch.get_num_threads()} CPU threads; {warmup} warm-up steps dropped, "
+    dropped = "the max delay" if warmup is None else str(warmup)
+    print(f"step time on {device_name}, {torch.get_num_threads()} CPU threads; {dropped} warm-up steps dropped, "
           f"{steps} timed per batch", flush=True)
     figures: list[StepFigures] = []
     per_shape: dict[str, Any] = {}
+    ops: dict[str, Any] = {}
     for shape in shapes:
+        print(f"counting operations per step at the {shape} shape (meta device)", flush=True)
+        ops[shape] = count_shape(shape, batches)
+        if args.ops_only:
+            continue
         got, info = bench_shape(shape, args.device, batches, warmup, steps)
         figures.extend(got)
         per_shape[shape] = info
 
     print()
-    print(table(figures, shapes, batches))
-    print(f"p50/p99 in ms per batched step (every stream advances one {FRAME_MS:.0f} ms frame); RT (real-time factor) = "
-          f"{FRAME_MS:.0f} ms / p50, above 1x keeps up; positions {warmup}…{warmup + steps - 1}"
-          + ("; CPU: no CUDA graphs, graphed = n/a" if device.type != "cuda" else ""))
+    print(ops_table(ops))
+    if not args.ops_only:
+        print(table(figures, shapes, batches))
+        windows = ", ".join(f"{s} {i['positions'][0]}…{i['positions'][1]}" for s, i in per_shape.items())
+        print(f"p50/p99 in ms per batched step (every stream advances one {FRAME_MS:.0f} ms frame); RT (real-time "
+              f"factor) = {FRAME_MS:.0f} ms / p50, above 1x keeps up; positions {windows}"
+              + ("; CPU: no CUDA graphs, graphed = n/a" if device.type != "cuda" else ""))
 
     report: dict[str, Any] = {
         "device": device_name,
@@ -222,16 +312,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "batches": batches,
-        "warmup_steps": warmup,
         "timed_steps": steps,
-        "positions": [warmup, warmup + steps - 1],
         "shapes": per_shape,
+        "ops": ops,
         "results": [asdict(f) for f in figures],
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"figures written to {args.json}")
+    if args.ops_only:
+        return report
     print(plot(figures, shapes, args.plot or (args.json.with_suffix(".png") if args.json else ROOT / "out" / "bench-step.png")))
     return report
 

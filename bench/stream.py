@@ -1,4 +1,4 @@
-"""Streaming turn latency: snapshot restore vs. warm-up per turn, on a random checkpoint of a shape.
+"""Streaming turn latency: snapshot restore vs. prompt prefill per turn, on a random checkpoint of a shape.
 
 For a random checkpoint of the real shape (same compute per step as the released weights),
 it builds one voice snapshot, then times text turns two ways in the same run:
@@ -6,7 +6,7 @@ it builds one voice snapshot, then times text turns two ways in the same run:
 - restored (ours): restore the snapshot into a slot (a memory copy), step until the first
   complete frame, decode it (time to first audio), keep stepping (steps per second);
 - naive (what earlier Dia2 servers did): teacher-force the voice prompt on every turn
-  (``Dia2.warm_up``) and prime the Mimi decoder with it, then stream the same way.
+  (``Dia2.prefill_prompt``) and prime the Mimi decoder with it, then stream the same way.
 
 Figures are the median (p50) over a few turns after one untimed warm-up turn; on CUDA the
 device is synchronised before every clock read.
@@ -41,7 +41,7 @@ S1_SECONDS, S2_SECONDS = 4.0, 1.5
 
 @dataclass
 class TurnFigures:
-    """One timed turn. Times in ms; ``prepare_ms`` is the restore (ours) or the warm-up (naive)."""
+    """One timed turn. Times in ms; ``prepare_ms`` is the restore (ours) or the prompt prefill (naive)."""
 
     prepare_ms: float
     steps_to_first_frame: int
@@ -103,7 +103,7 @@ def naive_turn(runtime: Dia2, runner: StreamRunner, snapshot: VoiceSnapshot, pro
     """Warm-up per turn: teacher-force the prompt and prime the decoder, then stream the same way."""
     slot = runner.engine.free_slots()[0]
     t0 = now()
-    state, codes = runtime.warm_up(runner.engine, slot, prompt)
+    state, codes = runtime.prefill_prompt(runner.engine, slot, prompt)
     runner.decoder.reset_rows([slot])
     with torch.inference_mode():
         runner.decoder.decode(codes[None].to(runtime.codec.device), rows=[slot])
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{report['ttfa_ms']:>9.1f} {report['steps_per_s']:>9.1f}")
     print(f"{'naive':<10} {report['naive_warmup_ms']:>11.1f} {report['naive_steps_to_first_frame']:>12d} "
           f"{report['naive_ttfa_ms']:>9.1f} {report['naive_steps_per_s']:>9.1f}")
-    print("prepare = snapshot restore (restored) or prompt warm-up + decoder priming (naive); "
+    print("prepare = snapshot restore (restored) or prompt prefill + decoder priming (naive); "
           "TTFA = text known → first 24 kHz frame; real time needs 12.5 steps/s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

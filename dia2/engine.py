@@ -30,19 +30,24 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .errors import StreamError
+from .errors import DeviceLost, StreamError, is_device_lost
 from .graphs import (
+    ACTION_NEW_WORD,
+    ACTION_PAD,
     DeviceStep,
+    Edge,
     EngineBuffers,
     GraphMemory,
+    OutputGuard,
     SlotInputs,
     StepTensors,
     bucket_for,
     buckets_upto,
     resolve_use_cuda_graphs,
+    use_tf32,
 )
 from .model import Dia2Model, KVCache
-from .sampling import GenerationConfig
+from .sampling import MAX_TOP_K, GenerationConfig, check_top_k
 from .state_machine import StateRules, TextState, needs_text, process
 
 UNGENERATED = -2  # buffer sentinel: never fed, never decoded
@@ -154,7 +159,7 @@ class StepEngine:
       32; buffers are sized for ``bucket_for(max_streams)`` slots) and attention over the whole
       cache: the fixed shapes a CUDA graph replays, run eagerly;
     - graphed (``use_cuda_graphs``, CUDA default): static, through captured graphs, all captured
-      at construction (:meth:`warm_up_graphs`) so the first caller pays nothing.
+      at construction (:meth:`capture_graphs`) so the first caller pays nothing.
 
     ``use_cuda_graphs``: None = on for a CUDA model unless ``DIA2_CUDA_GRAPHS=0`` or
     :func:`dia2.graphs.no_cuda_graphs`. ``static_shapes``: None = same as graphs (it must be on
@@ -169,6 +174,7 @@ class StepEngine:
         *,
         use_cuda_graphs: bool | None = None,
         static_shapes: bool | None = None,
+        max_top_k: int = MAX_TOP_K,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -188,7 +194,9 @@ class StepEngine:
         if self.use_cuda_graphs and static_shapes is False:
             raise ValueError("CUDA graphs replay fixed shapes: use static_shapes=None or True with use_cuda_graphs")
         self.static_shapes = self.use_cuda_graphs if static_shapes is None else static_shapes
+        self.max_top_k = max_top_k
         dev = self.device
+        use_tf32(dev)
         self.delay_tensor = torch.tensor(self.delays, device=dev)
         columns = self.context + self.max_delay + 2
         # Static shapes: slots up to the next bucket exist on the device and are never listed.
@@ -211,9 +219,10 @@ class StepEngine:
         # One graph memory pool for every bucket: graphs run one at a time and the engine reads
         # a step's outputs before the next replay.
         self._graph_memory = GraphMemory.new(dev) if self.use_cuda_graphs else None
+        self._outputs = OutputGuard()  # that rule, enforced: one step's outputs are read before the next runs
         self._device_steps: list[DeviceStep | None] = [None] * (n + 1)  # index: rows of slots
         if self.use_cuda_graphs:
-            self.warm_up_graphs()
+            self.capture_graphs()
 
     # ------------------------------------------------------------------ slots
 
@@ -221,6 +230,13 @@ class StepEngine:
         return [i for i, s in enumerate(self.slots) if s is None]
 
     def _load_settings(self, slot: int, gen: GenerationConfig) -> None:
+        cfg = self.config
+        try:
+            check_top_k("text top_k", gen.text.top_k, cfg.data.action_vocab_size, self.max_top_k)
+            check_top_k("audio top_k", gen.audio.top_k, cfg.audio_logit_limit, self.max_top_k)
+            check_top_k("cfg_filter_k", gen.cfg_filter_k, cfg.audio_logit_limit, self.max_top_k)
+        except ValueError as exc:
+            raise StreamError(f"{exc} (or build the StepEngine with a larger max_top_k)") from None
         b = self.buffers
         b.seeds[slot] = gen.seed
         b.text_temp[slot] = gen.text.temperature
@@ -292,7 +308,7 @@ class StepEngine:
             delayed = torch.full((k_count, p + self.max_delay), self.pad, dtype=torch.long, device=self.device)
             for c, dc in enumerate(self.delays):
                 delayed[c, dc : dc + p] = codes[c].to(self.device)
-            # Text of every warm-up step, from the forced state machine: step t feeds the output of t-1.
+            # Text of every prefill step, from the forced state machine: step t feeds the output of t-1.
             mains, seconds = [bos], [d.text_pad_token_id]
             for t in range(p):
                 token = d.text_new_word_token_id if t in new_word_steps else d.text_pad_token_id
@@ -340,11 +356,11 @@ class StepEngine:
         step = self._device_steps[n]
         if step is None:
             step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs,
-                              memory=self._graph_memory)
+                              memory=self._graph_memory, guard=self._outputs, max_top_k=self.max_top_k)
             self._device_steps[n] = step
         return step
 
-    def warm_up_graphs(self) -> None:
+    def capture_graphs(self) -> None:
         """Capture every bucket's graphs (with and without the depformer) now, at start-up.
 
         Runs on idle rows, so it changes nothing a stream reads; it must run before any stream
@@ -354,9 +370,9 @@ class StepEngine:
         if not self.use_cuda_graphs:
             return
         if any(s is not None for s in self.slots):
-            raise StreamError("warm_up_graphs must run before any stream starts (it uses every slot's rows)")
+            raise StreamError("capture_graphs must run before any stream starts (it uses every slot's rows)")
         for n in buckets_upto(self.capacity):
-            self.device_step(n).warm_up()
+            self.device_step(n).capture()
         torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ stepping
@@ -382,36 +398,49 @@ class StepEngine:
             if st.position >= self.context:
                 raise StreamError(f"slot {s} reached the context limit; it should have finished")
         device_step = self.device_step(max(slots) + 1)
-        # Which frame each slot emits is known before the step (see _emit_frame), so the device
-        # gathers its codes and the host reads them with the actions in one copy.
+        # Which frame each slot emits is known before the step (_emit_frame, the one emission
+        # rule), so the device gathers its codes and the host reads them with the actions in one copy.
         emits = [self._emit_frame(st) for st in states]
-        rows = self._input_rows(device_step, slots, states, emits)
+        rows = self._input_rows(device_step, slots, states, emits, hold)
         device_step.stage(rows)
         # The depformer only runs when some listed slot has a codebook>0 frame to write.
         need_depformer = any(
             st.position + 1 - min(self.delays[1:] or [0]) >= st.prompt_frames for st in states
         )
         attend = None if self.static_shapes else max(r.position for r in rows) + 1
-        out = device_step(depformer=need_depformer, attend_slots=attend)
-        edge = out.edge.cpu()  # the one device→host copy: [n, 1 + K] actions and emitted codes
-        actions_host: list[int] = edge[:, 0].tolist()
-        if self.check_invariants:
-            self._check_fed(out, slots)
-
-        # Host side, staged: each slot's next host state is computed on copies, the step's last
-        # device reads (records) are done, and only then is everything committed with plain
-        # assignments that cannot raise. So a step that raises anywhere leaves every slot's host
-        # state as it was, and the same step can be run again (alone, by the runner).
-        plans = [self._plan_host(s, st, actions_host[s], hold) for s, st in zip(slots, states)]
-        for s, plan, emit in zip(slots, plans, emits):
-            assert plan.emit_frame == emit, f"slot {s}: emits frame {plan.emit_frame}, the device gathered {emit}"
-        records = [self._record(s, st, out, actions_host[s]) if st.record is not None else None
-                   for s, st in zip(slots, states)]
+        try:
+            out = device_step(depformer=need_depformer, attend_slots=attend)
+            try:
+                edge = out.edge.cpu()  # the one device→host copy: [n, 2 + K] actions, flags, emitted codes
+                actions_host: list[int] = edge[:, Edge.ACTION].tolist()
+                valid: list[int] = edge[:, Edge.VALID].tolist()
+                if self.check_invariants:
+                    self._check_fed(out, slots)
+                bad = [s for s in slots if not valid[s]]
+                if bad:
+                    raise StreamError(f"slots {bad} fed or emitted an id outside its table (clamped on the device); "
+                                      "their state is corrupt")
+                # Host side, staged: each slot's next host state is computed on copies, the step's
+                # last device reads (records) are done, and only then is everything committed with
+                # plain assignments that cannot raise. So a step that raises anywhere leaves every
+                # slot's host state as it was, and the same step can be run again (alone, by the runner).
+                plans = [self._plan_host(s, st, actions_host[s], hold, emit)
+                         for s, st, emit in zip(slots, states, emits)]
+                records = [self._record(s, st, out, actions_host[s]) if st.record is not None else None
+                           for s, st in zip(slots, states)]
+            finally:
+                self._outputs.release()
+        except RuntimeError as exc:
+            if self.device.type == "cuda" and is_device_lost(exc):
+                raise DeviceLost(f"the {self.device} context failed during a step ({exc}); "
+                                 "restart the process that owns this runtime") from exc
+            raise
         frames: list[FrameOut] = []
         for s, plan in zip(slots, plans):
             if plan.emit_frame is not None:
                 words = [w for w, step in plan.text.transcript if step + 1 == plan.emit_frame]
-                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=edge[s, 1:].clone(), words=words))
+                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=edge[s, Edge.CODES :].clone(),
+                                       words=words))
         # Commit: nothing below raises.
         for st, plan, record in zip(states, plans, records):
             plan.commit(st)
@@ -420,7 +449,8 @@ class StepEngine:
         return frames
 
     def _emit_frame(self, st: SlotState) -> int | None:
-        """The aligned frame a slot emits at its next step, from its state before the step.
+        """The aligned frame a slot emits at its next step, from its state before the step: the
+        one frame-emission rule (the device gathers this frame; the host plan advances past it).
 
         The step's action cannot change it: an end found at step t sets last_frame to
         t + max_padding, past any frame complete by then (t + 1 - max_delay).
@@ -434,7 +464,12 @@ class StepEngine:
         return None
 
     def _input_rows(
-        self, device_step: DeviceStep, slots: list[int], states: list[SlotState], emits: list[int | None]
+        self,
+        device_step: DeviceStep,
+        slots: list[int],
+        states: list[SlotState],
+        emits: list[int | None],
+        hold: Callable[[int], bool] | None,
     ) -> list[SlotInputs]:
         """One row per slot 0…n-1. Slots in range but not listed are computed and ignored; an
         active one keeps its own position so that its only write is the KV slot it will
@@ -445,7 +480,10 @@ class StepEngine:
             rows.append(device_step.idle_row(min(other.position, self.context - 1) if other is not None else 0))
         embeds_text = self.model.depformer.text_embed is not None
         for s, st, emit in zip(slots, states, emits):
-            pad_next, word_next = self._next_text_choices(st) if embeds_text else (rows[s].next_if_pad,) * 2
+            if embeds_text:
+                pad_next, word_next = self._next_text_choices(s, st, hold)
+            else:
+                pad_next = word_next = rows[s].next_if_pad
             rows[s] = SlotInputs(
                 position=st.position, prompt_frames=st.prompt_frames, listed=True, main=st.main,
                 second=st.second, emit_frame=emit, next_if_pad=pad_next, next_if_word=word_next,
@@ -458,16 +496,33 @@ class StepEngine:
                                      f"0…{self.text_vocab - 1}")
         return rows
 
-    def _next_text_choices(self, st: SlotState) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _next_text_choices(
+        self, slot: int, st: SlotState, hold: Callable[[int], bool] | None
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
         """Text of column t+1 if the action is pad, and if it starts a word (for checkpoints whose
-        depformer embeds text; the device picks one after sampling). Computed on copies."""
-        if st.last_frame is not None:
-            pad = self.config.data.text_pad_token_id
-            return (pad, pad), (pad, pad)
-        return (
-            process(self.rules, st.text.copy(), st.position, 0),
-            process(self.rules, st.text.copy(), st.position, 1),
-        )
+        depformer embeds text; the device picks one after sampling). The same rule as the step's
+        (:meth:`_advance_text`, hold included), run on copies for both actions."""
+        _, pad_main, pad_second, _ = self._advance_text(slot, st, ACTION_PAD, hold)
+        _, word_main, word_second, _ = self._advance_text(slot, st, ACTION_NEW_WORD, hold)
+        return (pad_main, pad_second), (word_main, word_second)
+
+    def _advance_text(
+        self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None
+    ) -> tuple[TextState, int, int, int | None]:
+        """The text side of one step for ``action``, on a copy of the slot's text state:
+        (new text state, main, second, last_frame). The one rule behind both the step and the
+        depformer's text preview, so the two cannot disagree."""
+        text = st.text.copy()
+        last_frame = st.last_frame
+        if last_frame is None:
+            held = hold(slot) if hold is not None else needs_text(self.rules, text)
+            main, second = process(self.rules, text, st.position, action, hold=held)
+            if text.end_step is not None:
+                last_frame = text.end_step + self.rules.max_padding
+        else:
+            # After the script ended the text stream only pads (the flush tail).
+            main, second = process(self.rules, text, st.position, ACTION_PAD)
+        return text, main, second, last_frame
 
     def _check_fed(self, out: StepTensors, slots: list[int]) -> None:
         """Debug check (a host sync): no listed slot was fed an ungenerated or invalid audio code."""
@@ -487,27 +542,13 @@ class StepEngine:
         )
 
     def _plan_host(
-        self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None
+        self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None, emit_frame: int | None
     ) -> _HostPlan:
-        """One slot's host-side step on copies: state machine, position, emission, context limit."""
-        t = st.position
-        text = st.text.copy()
-        last_frame = st.last_frame
-        if last_frame is None:
-            held = hold(slot) if hold is not None else needs_text(self.rules, text)
-            main, second = process(self.rules, text, t, action, hold=held)
-            if text.end_step is not None:
-                last_frame = text.end_step + self.rules.max_padding
-        else:
-            # After the script ended the text stream only pads (the flush tail).
-            main, second = process(self.rules, text, t, 0)
-        position = t + 1
-        next_frame = st.next_frame
-        emit_frame: int | None = None
-        complete = position - self.max_delay  # newest complete aligned frame after this step
-        if complete >= next_frame and (last_frame is None or next_frame <= last_frame):
-            emit_frame = next_frame
-            next_frame += 1
+        """One slot's host-side step on copies: state machine, position, emission (``emit_frame``,
+        from :meth:`_emit_frame`), context limit."""
+        text, main, second, last_frame = self._advance_text(slot, st, action, hold)
+        position = st.position + 1
+        next_frame = st.next_frame if emit_frame is None else emit_frame + 1
         truncated = st.truncated
         finished = last_frame is not None and next_frame > last_frame
         if position >= self.context and not finished:

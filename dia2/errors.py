@@ -29,3 +29,26 @@ class SnapshotError(Dia2Error):
 
 class StreamError(Dia2Error):
     """A stream was used in a way its lifecycle does not allow (e.g. text after close)."""
+
+
+class DeviceLost(Dia2Error):
+    """The accelerator context is unusable (a device-side assert, an illegal address, a lost device).
+
+    Not a stream's fault and not retryable in this process: every tensor on the device is
+    suspect and every later CUDA call fails. Whoever owns the runtime must stop using it and
+    build a new one in a fresh process (callbridge: restart the TTS worker). Raised by
+    :meth:`dia2.engine.StepEngine.step` and :meth:`dia2.stream.StreamRunner.step`, never
+    swallowed by their per-stream fault isolation.
+    """
+
+
+def is_device_lost(exc: BaseException) -> bool:
+    """True for the errors that poison a CUDA context (PyTorch raises them as
+    ``torch.AcceleratorError``, a RuntimeError, with the CUDA error text)."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)

@@ -5,7 +5,7 @@ Why: a Dia2 step is ~30 decoder layers plus 31 depformer stages of tiny kernels;
 one by one from Python the GPU mostly waits for the host. Replaying a captured graph
 launches the whole step at once (dia2-format.md §9).
 
-- :class:`CUDAGraphed` runs a function through one CUDA graph: warm-up calls and capture on
+- :class:`CUDAGraphed` runs a function through one CUDA graph: pre-capture eager runs and capture on
   the first call, then copy the new inputs into the captured tensors and replay. Unlike
   upstream (§9.2) the capturing call replays right away, so its results are real.
 - :func:`no_cuda_graphs` and the ``DIA2_CUDA_GRAPHS=0`` env var turn every graph off (moshi
@@ -32,13 +32,24 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import torch
 
 from .model import Dia2Model, KVCache
-from .sampling import SLOT_ACTION, SLOT_CB0, cfg_filter, sample, stage_slot, stream_uniforms
+from .sampling import (
+    MAX_TOP_K,
+    SLOT_ACTION,
+    SLOT_CB0,
+    cfg_cut,
+    cfg_filter_cut,
+    sample_cut,
+    sample_with,
+    stage_slot,
+    stream_uniforms,
+)
 
 ENV_VAR = "DIA2_CUDA_GRAPHS"
 _OFF_VALUES = ("0", "false", "no", "off")
 _switched_off = 0  # depth of open no_cuda_graphs() blocks: the one process-wide switch
 
-# The sampled action that starts a word (state_machine.process: 1 = new word, else pad).
+# The sampled actions (state_machine.process: 1 = new word, 0 = pad).
+ACTION_PAD = 0
 ACTION_NEW_WORD = 1
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -86,6 +97,20 @@ def resolve_use_cuda_graphs(requested: bool | None, device: torch.device) -> boo
     return cuda_graphs_enabled()
 
 
+def use_tf32(device: torch.device) -> None:
+    """On CUDA, let float32 matmuls and convolutions use TF32 (the fp32 heads, Mimi), as the
+    reference runtime does (dia2-format.md §3.1). Process-wide PyTorch flags; a no-op elsewhere."""
+    if device.type != "cuda":
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # the newer API; PyTorch refuses a mix of old and new
+        matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]
+    else:  # pragma: no cover - older PyTorch
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def bucket_for(slots: int) -> int:
     """The batch bucket that holds ``slots`` slots: the next power of two (1, 2, 4, …, 32, 64, …)."""
     if slots < 1:
@@ -109,6 +134,33 @@ def _describe(x: torch.Tensor) -> str:
     return f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device}"
 
 
+class OutputsUnread(RuntimeError):
+    """A device step was about to run while the outputs of the previous one were still unread."""
+
+
+class OutputGuard:
+    """The rule that makes one graph memory pool safe to share between every bucket's graphs:
+    a step's outputs (captured tensors, overwritten by the next replay of any graph in the
+    pool) are read, or cloned, before the next step runs. :meth:`claim` when a step runs,
+    :meth:`release` once its outputs are read; a claim while another is held raises instead of
+    silently handing out overwritten tensors. Applied on every device (on CPU the outputs are
+    fresh tensors, but the same order is enforced so the rule is tested where tests run)."""
+
+    def __init__(self) -> None:
+        self.holder: str | None = None
+
+    def claim(self, name: str) -> None:
+        if self.holder is not None:
+            raise OutputsUnread(
+                f"{name} would run while the outputs of {self.holder} are unread (they share one graph "
+                "memory pool): read or clone a step's outputs, then release(), before the next step"
+            )
+        self.holder = name
+
+    def release(self) -> None:
+        self.holder = None
+
+
 @dataclass(frozen=True)
 class GraphMemory:
     """A graph memory pool and the one side stream that every capture into it uses (PyTorch
@@ -127,14 +179,14 @@ class GraphMemory:
 class CUDAGraphed(Generic[T]):
     """Run ``fn(*tensors)`` through one CUDA graph (moshi ``CUDAGraphed``).
 
-    First call: ``warmup_calls`` eager runs on a side stream (lazy inits, cuBLAS workspaces,
+    First call: ``pre_capture_runs`` eager runs on a side stream (lazy inits, cuBLAS workspaces,
     allocator), capture, then replay, so the first call's results are real (capture alone
     runs nothing). Later calls copy the inputs into the captured tensors and replay. The
     outputs are the captured tensors themselves: valid until the next replay of any graph
     sharing the pool; clone what must live longer.
 
     Contract: ``fn`` takes tensors, keeps no Python state that changes between calls, does
-    no host sync, and is idempotent for one input (the first call runs it 1 + warmup_calls
+    no host sync, and is idempotent for one input (the first call runs it 1 + pre_capture_runs
     times on the same inputs). Input shapes, dtypes and devices are fixed at the first call,
     with or without graphs, so misuse fails the same way on CPU and GPU.
 
@@ -146,13 +198,13 @@ class CUDAGraphed(Generic[T]):
         fn: Callable[..., T],
         *,
         name: str = "graph",
-        warmup_calls: int = 1,
+        pre_capture_runs: int = 1,
         disable: bool = False,
         memory: GraphMemory | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
-        self.warmup_calls = warmup_calls
+        self.pre_capture_runs = pre_capture_runs
         self.disable = disable
         self.memory = memory  # None: a pool and stream of its own, made at capture
         self._signature: list[tuple[torch.Size, torch.dtype, torch.device]] | None = None
@@ -205,8 +257,8 @@ class CUDAGraphed(Generic[T]):
         with torch.cuda.device(device):
             current = torch.cuda.current_stream(device)
             side.wait_stream(current)
-            with torch.cuda.stream(side):  # warm up on the capture stream (cuBLAS workspace, allocator)
-                for _ in range(self.warmup_calls):
+            with torch.cuda.stream(side):  # pre-capture runs on the capture stream (cuBLAS workspace, allocator)
+                for _ in range(self.pre_capture_runs):
                     self.fn(*self._static_inputs)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=memory.pool, stream=side):
@@ -271,11 +323,19 @@ class SlotInputs:
                 *self.next_if_pad, *self.next_if_word]
 
 
+class Edge(enum.IntEnum):
+    """Columns of :attr:`StepTensors.edge`, the one tensor the host reads after a step."""
+
+    ACTION = 0
+    VALID = 1  # 1: every id this slot fed, and the codes it emits, were in range (see DeviceStep.forward)
+    CODES = 2  # K columns from here: the emitted frame's codes (0…V'-1, safe for Mimi)
+
+
 class StepTensors(NamedTuple):
     """What a device step produced. With graphs these are the captured tensors: read them
     (or clone) before the next step."""
 
-    edge: torch.Tensor  # [n, 1 + K] int64: the action, then the codes of the frame to emit
+    edge: torch.Tensor  # [n, Edge.CODES + K] int64: action, validity flag, codes of the frame to emit
     tokens: torch.Tensor  # [2n, C] int64 fed at this step
     column: torch.Tensor  # [n, K] int64 column t+1 as written
     action_logits: torch.Tensor  # [2n, Vx] float32
@@ -301,19 +361,38 @@ class DeviceStep:
     """
 
     def __init__(
-        self, model: Dia2Model, buffers: EngineBuffers, n: int, *, graphed: bool, memory: GraphMemory | None = None
+        self,
+        model: Dia2Model,
+        buffers: EngineBuffers,
+        n: int,
+        *,
+        graphed: bool,
+        memory: GraphMemory | None = None,
+        guard: OutputGuard | None = None,
+        max_top_k: int = MAX_TOP_K,
     ) -> None:
         cfg = model.config
         dev = model.device
         self.model = model
         self.buffers = buffers
         self.n = n
+        self.guard = guard or OutputGuard()
+        self.max_top_k = max_top_k
+        self.text_vocab = cfg.data.text_vocab_size
+        self.audio_vocab = cfg.data.audio_vocab_size
+        # Views of this bucket's rows, made once: the step slices nothing per layer.
+        self.decoder = KVCache(k=[k[: 2 * n] for k in buffers.decoder.k], v=[v[: 2 * n] for v in buffers.decoder.v])
+        self.depformer = KVCache(k=[k[: 2 * n] for k in buffers.depformer.k],
+                                 v=[v[: 2 * n] for v in buffers.depformer.v])
+        # Every random-number slot of a step (action, cb0, the S stages), drawn in one call.
+        self.rng_slots = torch.arange(2 + cfg.num_stages, device=dev)
         self.num_codebooks = cfg.num_codebooks
         self.num_stages = cfg.num_stages
         self.bos = cfg.data.audio_bos_token_id
         self.logit_limit = cfg.audio_logit_limit
         self.text_pad = cfg.data.text_pad_token_id
         self.text_zero = cfg.data.text_zero_token_id
+        self.uncond_text = torch.tensor([self.text_zero, self.text_pad], device=dev)  # [2] (main, second)
         self.delays = torch.tensor(list(cfg.data.delay_pattern), device=dev)  # [K]
         # Pinned on CUDA so the copy in is asynchronous. The engine rewrites it only after the
         # previous step's edge copy to the host synchronised the stream; after a step that raised
@@ -341,7 +420,9 @@ class DeviceStep:
         self.staging.copy_(torch.tensor([r.row() for r in rows], dtype=torch.long))
 
     def __call__(self, *, depformer: bool, attend_slots: int | None = None) -> StepTensors:
-        """Copy the staged rows to the device and run the step (no host sync)."""
+        """Copy the staged rows to the device and run the step (no host sync). Claims the
+        :class:`OutputGuard`: release it once the outputs are read."""
+        self.guard.claim(f"step[{self.n}]")
         with torch.inference_mode():
             self.inputs.copy_(self.staging, non_blocking=True)
             if attend_slots is not None:
@@ -349,12 +430,13 @@ class DeviceStep:
             graphed = self._with_depformer if depformer else self._without_depformer
             return graphed(self.inputs)
 
-    def warm_up(self) -> None:
+    def capture(self) -> None:
         """Run (and, with graphs, capture) both variants on idle rows: no slot listed, so nothing
         observable changes (KV slot 0 of each row and depformer scratch are rewritten before use)."""
         self.stage([self.idle_row()] * self.n)
-        self(depformer=True)
-        self(depformer=False)
+        for depformer in (True, False):
+            self(depformer=depformer)
+            self.guard.release()
 
     def idle_row(self, position: int = 0) -> SlotInputs:
         """The row of a slot that is computed and ignored (pad text; nothing written to its audio)."""
@@ -364,7 +446,13 @@ class DeviceStep:
     # ------------------------------------------------------------------ the function
 
     def forward(self, inputs: torch.Tensor, *, depformer: bool, attend_slots: int | None = None) -> StepTensors:
-        """inputs [n, len(In)] int64 → :class:`StepTensors`. Reads and writes the engine's buffers."""
+        """inputs [n, len(In)] int64 → :class:`StepTensors`. Reads and writes the engine's buffers.
+
+        First-run safety: every id that reaches an embedding is clamped into its table on the
+        device, and :attr:`Edge.VALID` says whether clamping was needed (the host fails such a
+        slot). An out-of-range index on CUDA is a device-side assert that loses the context for
+        every stream; a clamp costs a kernel. The emitted codes are clamped to Mimi's codebook.
+        """
         n, k = self.n, self.num_codebooks
         b = self.buffers
         model = self.model
@@ -372,21 +460,27 @@ class DeviceStep:
         seeds, scale, cfg_k = b.seeds[:n], b.cfg_scale[:n], b.cfg_k[:n]
         positions = inputs[:, In.POSITION]
         listed = inputs[:, In.LISTED] != 0
+        # The step's one RNG call: [n, 2 + S] → one [n, 1] column per slot (views).
+        uniforms = stream_uniforms(seeds, positions, self.rng_slots)[:, :, None].unbind(1)
 
         # Inputs [2n, C]: both rows read the same audio column t; row 1 has the unconditional text.
         audio_in = audio.gather(2, positions[:, None, None].expand(n, k, 1))[..., 0]  # [n, K]
-        audio_in = torch.where(positions[:, None] < self.delays[None, :], self.bos, audio_in)
-        audio_in = torch.where(listed[:, None], audio_in, self.bos)
-        uncond_text = torch.stack(
-            [torch.full_like(positions, self.text_zero), torch.full_like(positions, self.text_pad)], dim=1
-        )
-        text = _interleave(inputs[:, In.MAIN : In.SECOND + 1], uncond_text)  # [2n, 2]
+        audio_in = torch.where((positions[:, None] < self.delays[None, :]) | ~listed[:, None], self.bos, audio_in)
+        cond_text = inputs[:, In.MAIN : In.SECOND + 1]
+        valid = _in_range(audio_in, self.audio_vocab) & _in_range(cond_text, self.text_vocab)  # [n]
+        audio_in = audio_in.clamp(0, self.audio_vocab - 1)
+        cond_text = cond_text.clamp(0, self.text_vocab - 1)
+        uncond_text = self.uncond_text.expand(n, 2)
+        text = _interleave(cond_text, uncond_text)  # [2n, 2]
         tokens = torch.cat([text, _interleave(audio_in, audio_in)], dim=1)  # [2n, C]
 
-        out = model.transformer(tokens[:, :, None], _interleave(positions, positions), b.decoder, slots=attend_slots)
+        out = model.transformer(tokens[:, :, None], _interleave(positions, positions), self.decoder,
+                                slots=attend_slots)
         action_logits, cb0_logits = out.action_logits[:, 0], out.cb0_logits[:, 0]  # [2n, Vx], [2n, Va]
-        guided = cfg_filter(action_logits[0::2], action_logits[1::2], scale, cfg_k)
-        actions = sample(guided, b.text_temp[:n], b.text_top_k[:n], stream_uniforms(seeds, positions, SLOT_ACTION))
+        guided = cfg_filter_cut(action_logits[0::2], action_logits[1::2],
+                                cfg_cut(scale, cfg_k, action_logits.shape[-1], self.max_top_k))
+        text_cut = sample_cut(b.text_temp[:n], b.text_top_k[:n], action_logits.shape[-1], self.max_top_k)
+        actions = sample_with(guided, text_cut, uniforms[SLOT_ACTION])
 
         # Which codebooks of column t+1 may be written: not a prompt frame, and the slot is listed.
         frame_of_next = positions[:, None] + 1 - self.delays[None, :]  # [n, K]
@@ -394,20 +488,25 @@ class DeviceStep:
         next_col = (positions + 1)[:, None, None].expand(n, k, 1)
         column = audio.gather(2, next_col)[..., 0]  # [n, K]: the prompt's codes where not writable
 
-        guided = cfg_filter(cb0_logits[0::2], cb0_logits[1::2], scale, cfg_k)
+        vocab = cb0_logits.shape[-1]
+        guided = cfg_filter_cut(cb0_logits[0::2], cb0_logits[1::2], cfg_cut(scale, cfg_k, vocab, self.max_top_k))
         guided[:, self.logit_limit :] = float("-inf")  # never BOS/PAD as a code
-        cb0 = sample(guided, b.audio_temp[:n], b.audio_top_k[:n], stream_uniforms(seeds, positions, SLOT_CB0))
+        cb0 = sample_with(guided, sample_cut(b.audio_temp[:n], b.audio_top_k[:n], vocab, self.max_top_k),
+                          uniforms[SLOT_CB0])
         column[:, 0] = torch.where(writable[:, 0], cb0, column[:, 0])
 
         stage_logits: torch.Tensor | None = None
         if depformer:
-            stage_logits = self._depformer(inputs, out.hidden[:, 0], actions, column, writable)
+            stage_logits = self._depformer(inputs, out.hidden[:, 0], actions, column, writable, uniforms)
         audio.scatter_(2, next_col, column[:, :, None])
 
         # The frame the host emits after this step (its last column may be the one just written).
-        emit_cols = inputs[:, In.EMIT_FRAME].clamp(min=0)[:, None] + self.delays[None, :]  # [n, K]
+        emit = inputs[:, In.EMIT_FRAME]
+        emit_cols = emit.clamp(min=0)[:, None] + self.delays[None, :]  # [n, K]
         emitted = audio.gather(2, emit_cols[:, :, None])[..., 0]
-        edge = torch.cat([actions[:, None], emitted], dim=1)
+        valid = valid & (_in_range(emitted, self.logit_limit) | (emit < 0))
+        emitted = emitted.clamp(0, self.logit_limit - 1)
+        edge = torch.cat([actions[:, None], valid[:, None].long(), emitted], dim=1)
         return StepTensors(edge, tokens, column, action_logits, cb0_logits, stage_logits)
 
     def _depformer(
@@ -417,34 +516,46 @@ class DeviceStep:
         actions: torch.Tensor,
         column: torch.Tensor,
         writable: torch.Tensor,
+        uniforms: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
         """All S stages; writes codebooks 1…K-1 of ``column`` [n, K] in place where writable.
-        hidden [2n, E]. Returns the stage logits [2n, S, V']."""
+        hidden [2n, E]; uniforms: one [n, 1] per RNG slot. Returns the stage logits [2n, S, V']."""
         n = self.n
         b = self.buffers
         dep = self.model.depformer
-        positions = inputs[:, In.POSITION]
         text: tuple[torch.Tensor, torch.Tensor] | None = None
         if dep.text_embed is not None:
             # Text of column t+1: the host staged both outcomes of the action; pick on device.
             word = (actions == ACTION_NEW_WORD)[:, None]
             nxt = torch.where(word, inputs[:, In.WORD_MAIN : In.WORD_SECOND + 1], inputs[:, In.PAD_MAIN : In.PAD_SECOND + 1])
-            text = (
-                _interleave(nxt[:, 0], torch.full_like(nxt[:, 0], self.text_zero)),
-                _interleave(nxt[:, 1], torch.full_like(nxt[:, 1], self.text_pad)),
-            )
+            nxt = nxt.clamp(0, self.text_vocab - 1)  # the host checked these ids; this only keeps an embedding safe
+            # Both CFG rows get the conditional row's text (as the reference runtime does: its
+            # stage-0 text tensors are filled with the state machine's output for every branch).
+            text = (_interleave(nxt[:, 0], nxt[:, 0]), _interleave(nxt[:, 1], nxt[:, 1]))
         # Each stage is teacher-forced from column t+1 as it now stands (the sampled code, or
         # the prompt's own code in the continuation zone). Clamp: rows of unlisted slots may
         # hold the ungenerated sentinel; their outputs are ignored.
-        prev = column[:, 0].clamp(min=0)
+        # Per-step constants, built once for all S stages: the cuts, and each codebook's column
+        # as it stands (clamped: what a stage is fed where it may not write) with its write flag.
+        cfg = cfg_cut(b.cfg_scale[:n], b.cfg_k[:n], self.logit_limit, self.max_top_k)
+        cut = sample_cut(b.audio_temp[:n], b.audio_top_k[:n], self.logit_limit, self.max_top_k)
+        fixed = column.clamp(min=0).unbind(1)  # K × [n]
+        may_write = writable.unbind(1)
+        prev = fixed[0]
         all_logits: list[torch.Tensor] = []
+        tokens: list[torch.Tensor] = []
         for stage in range(self.num_stages):
-            logits = dep.stage(stage, hidden, _interleave(prev, prev), b.depformer, text=text)  # [2n, V']
-            guided = cfg_filter(logits[0::2], logits[1::2], b.cfg_scale[:n], b.cfg_k[:n])
-            uniforms = stream_uniforms(b.seeds[:n], positions, stage_slot(stage))
-            tok = sample(guided, b.audio_temp[:n], b.audio_top_k[:n], uniforms)
-            c = stage + 1
-            column[:, c] = torch.where(writable[:, c], tok, column[:, c])
-            prev = column[:, c].clamp(min=0)
+            logits = dep.stage(stage, hidden, _interleave(prev, prev), self.depformer, text=text)  # [2n, V']
+            pair = logits.view(n, 2, -1)
+            guided = cfg_filter_cut(pair[:, 0], pair[:, 1], cfg)
+            tok = sample_with(guided, cut, uniforms[stage_slot(stage)])
+            prev = torch.where(may_write[stage + 1], tok, fixed[stage + 1])
+            tokens.append(tok)
             all_logits.append(logits)
+        column[:, 1:] = torch.where(writable[:, 1:], torch.stack(tokens, dim=1), column[:, 1:])
         return torch.stack(all_logits, dim=1)
+
+
+def _in_range(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, …] int64 → [n] bool: every id of the row is in 0…size-1."""
+    return ((ids >= 0) & (ids < size)).flatten(1).all(dim=1)

@@ -3,13 +3,28 @@
 Numerics follow dia2-format.md §3: RMSNorm statistic in float32, per-head q/k RMSNorm
 before RoPE, half-split RoPE, attention scale 1.0 (the learned q/k norms carry the
 temperature), gated MLP with the gate in the first half of ``wi``.
+
+Kernel count matters more than arithmetic at one query position (a step is thousands of
+tiny kernels), so each block is written with as few dispatched operations as the numerics
+allow: RMSNorm is PyTorch's fused statistic (one op) then the weight; the q and k norms of a
+layer run as one norm over both; RoPE reads tables gathered once per step (:class:`Rope`)
+and rotates with a roll instead of split/negate/concatenate; attention regroups the query
+heads over the KV heads and attends with an additive mask (:func:`attend`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) over the last axis; the statistic in float32, the result cast to
+    x's dtype once (what the reference's unfused path computes), as one fused op."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 class RMSNorm(nn.Module):
@@ -19,9 +34,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
+        # Normalise (fp32 statistic, one rounding to x's dtype), then the weight in x's dtype: the
+        # rounding order of dia2-format.md §3.9. The weight is held in the compute dtype.
+        return rms_normalize(x, self.eps) * self.weight
 
 
 _ACT = {
@@ -31,7 +46,7 @@ _ACT = {
     "gelu": F.gelu,
     "geglu": F.gelu,
     "relu": F.relu,
-    "linear": lambda x: x,
+    "linear": None,  # identity: no op at all
 }
 
 
@@ -47,12 +62,20 @@ class GatedMLP(nn.Module):
         self.wo = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.wi(x).unflatten(-1, (2, self.hidden))
-        return self.wo(self.act0(p[..., 0, :]) * self.act1(p[..., 1, :]))
+        gate, up = self.wi(x).split(self.hidden, dim=-1)
+        if self.act0 is not None:
+            gate = self.act0(gate)
+        if self.act1 is not None:
+            up = self.act1(up)
+        return self.wo(gate * up)
 
 
 class RotaryTable(nn.Module):
-    """cos/sin tables [N, D] for positions 0…N-1, half-split layout (non-persistent buffers)."""
+    """cos and signed-sin tables [N, D] for positions 0…N-1, half-split layout (non-persistent).
+
+    ``sin`` holds [-sin θ, +sin θ] so that a rotation is x·cos + roll(x, D/2)·sin: roll gives
+    [x₂, x₁], the same products and sum as x·cos + [-x₂, x₁]·sin (dia2-format.md §3.5).
+    """
 
     def __init__(self, head_dim: int, max_positions: int, min_timescale: float, max_timescale: float) -> None:
         super().__init__()
@@ -61,29 +84,60 @@ class RotaryTable(nn.Module):
         timescale = min_timescale * (max_timescale / min_timescale) ** frac
         inv_freq = 1.0 / timescale
         angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
         self.max_positions = max_positions
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The tables of ``positions`` [B, T] in ``dtype``, gathered once and shared by every layer."""
+        cos = self.cos[positions].unsqueeze(2).to(dtype)  # [B, T, 1, D]
+        sin = self.sin[positions].unsqueeze(2).to(dtype)
+        return Rope(cos, sin)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, D], positions [B, T] int64 → rotated x."""
-        cos = self.cos[positions].unsqueeze(2).to(x.dtype)  # [B, T, 1, D]
-        sin = self.sin[positions].unsqueeze(2).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return self.at(positions, x.dtype).apply(x)
 
 
-def attend(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Scaled dot-product attention with scale 1.0 and GQA.
+@dataclass(frozen=True)
+class Rope:
+    """RoPE tables for one set of positions, broadcastable to [B, T, H, D] (or [B, H, D])."""
 
-    q [B, Hq, T, D]; caches [B, Hkv, S, D]; mask [B, 1, T, S] bool (True = attend).
-    Returns [B, T, Hq*D].
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * self.cos + x.roll(half, dims=-1) * self.sin
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention with scale 1.0 and grouped KV heads, as plain attention.
+
+    q [B, T, Hq, D]; caches [B, Hkv, S, D]; mask [B or 1, 1, T, S] additive (0 = attend, the
+    most negative finite value = masked) in the caches' dtype. Returns [B, T, Hq*D].
+
+    Query head h reads KV head h // G (G = Hq / Hkv). The G heads of a group and the T query
+    positions are folded into the query length: q → [B, Hkv, G·T, D] against the cache as it
+    is, so no kernel ever expands K/V to Hq heads and fused kernels (which refuse
+    ``enable_gqa`` with a mask) can run.
     """
-    # GQA without copying the cache: query head h reads kv head h // (Hq / Hkv).
-    out = F.scaled_dot_product_attention(
-        q, k_cache, v_cache, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k_cache.shape[1]
-    )
-    return out.transpose(1, 2).flatten(2)
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    if T == 1:
+        qg = q.view(B, Hkv, G, D)  # head h = kv·G + j → [B, kv, j, D]; the mask broadcasts over j
+        m = mask
+    else:
+        qg = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+        m = mask.repeat(1, 1, G, 1)  # [B, 1, G·T, S]: row j·T + t is query position t
+    out = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=m, scale=1.0)  # [B, Hkv, G·T, D]
+    if T == 1:
+        return out.view(B, 1, Hq * D)
+    return out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool → additive mask in ``dtype``: 0 where allowed, the most negative finite value elsewhere
+    (as the reference builds it)."""
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)

@@ -4,7 +4,7 @@ Shapes: B rows (2 per stream: conditional, unconditional), C channels (2 text + 
 T steps, E decoder width, e depformer width, S depformer stages (K - 1).
 
 The KV caches are not module state: they are preallocated by the caller for its maximum
-number of rows (:func:`DecoderCache.allocate`) and passed in, so one model serves any set
+number of rows (:meth:`Dia2Model.allocate_decoder_cache`) and passed in, so one model serves any set
 of streams and a voice snapshot is a copy of cache rows.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import Dia2Config, TransformerConfig
-from .layers import GatedMLP, RMSNorm, RotaryTable, attend
+from .layers import GatedMLP, RMSNorm, Rope, RotaryTable, additive_mask, attend, rms_normalize
 
 
 @dataclass
@@ -80,30 +80,36 @@ class DecoderAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.n_embd, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        self.eps = eps
+        self.qk_weight = self.qk_norm_weight()
+
+    def qk_norm_weight(self) -> torch.Tensor:
+        """[Hq + Hkv, D]: the q norm weight for each query head, then the k norm weight for each
+        KV head, so one norm serves both (rebuilt by :meth:`Dia2Model.rebuild_rotary_tables`)."""
+        return torch.cat([self.q_norm.weight.expand(self.heads, -1), self.k_norm.weight.expand(self.kv_heads, -1)])
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryTable,
+        rope: Rope,
+        write: tuple[torch.Tensor, torch.Tensor],
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, T, E]; positions [B, T]; caches [B, Hkv, Tmax, D]; mask [B, 1, T, S] (S ≤ Tmax slots read)."""
+        """x [B, T, E]; rope at the step's positions; ``write`` = (rows, positions) [B, T] index
+        tensors of the KV slots to write; caches [B, Hkv, S, D] (the S slots read); mask
+        [B, 1, T, S] additive."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
+        qk = torch.cat([self.q_proj(x).view(B, T, self.heads, self.head_dim),
+                        self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)], dim=2)  # [B, T, Hq + Hkv, D]
+        qk = rope.apply(rms_normalize(qk, self.eps) * self.qk_weight)  # both norms and both rotations at once
+        q, k = qk.split([self.heads, self.kv_heads], dim=2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        q = rope.rotate(q, positions)
-        k = rope.rotate(k, positions)
         # The KV slot of a step is its position: slot p holds position p for every row.
-        rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
-        k_cache[rows, :, positions] = k.to(k_cache.dtype)
-        v_cache[rows, :, positions] = v.to(v_cache.dtype)
-        slots = mask.shape[-1]
-        out = attend(q.transpose(1, 2), k_cache[:, :, :slots], v_cache[:, :, :slots], mask)
-        return self.o_proj(out)
+        torch.ops.aten.index_put_(k_cache, [write[0], None, write[1]], k)
+        torch.ops.aten.index_put_(v_cache, [write[0], None, write[1]], v)
+        return self.o_proj(attend(q, k_cache, v_cache, mask))
 
 
 class DecoderLayer(nn.Module):
@@ -114,8 +120,8 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = GatedMLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
 
-    def forward(self, x, positions, rope, k_cache, v_cache, mask):  # type: ignore[no-untyped-def]
-        x = x + self.attn(self.pre_norm(x), positions, rope, k_cache, v_cache, mask)
+    def forward(self, x, rope, write, k_cache, v_cache, mask):  # type: ignore[no-untyped-def]
+        x = x + self.attn(self.pre_norm(x), rope, write, k_cache, v_cache, mask)
         return x + self.mlp(self.post_norm(x))
 
 
@@ -147,7 +153,9 @@ class TemporalTransformer(nn.Module):
         """tokens [B, C, T] int64 (rows 0…B-1 of ``cache``); start [B] int64 = position of tokens[..., 0].
 
         ``slots`` limits attention to the first slots of the cache (every position < slots);
-        None reads all of them (fixed shape, as a captured graph needs).
+        None reads all of them (fixed shape, as a captured graph needs). Everything that depends
+        only on the positions (RoPE tables, KV write indices, the mask) is built once here and
+        shared by every layer.
         """
         B, _, T = tokens.shape
         positions = start[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
@@ -158,52 +166,66 @@ class TemporalTransformer(nn.Module):
             x = x + table(tokens[:, 2 + c])
         n_slots = slots if slots is not None else cache.slots
         slot_ids = torch.arange(n_slots, device=tokens.device)
-        mask = (slot_ids[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, S]
+        mask = additive_mask((slot_ids[None, None, :] <= positions[:, :, None]).unsqueeze(1), dtype)  # [B, 1, T, S]
+        rope = self.rope.at(positions, dtype)
+        write = (torch.arange(B, device=tokens.device)[:, None].expand(B, T), positions)
+        full = n_slots == cache.slots and cache.rows == B
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rope, cache.k[i][:B], cache.v[i][:B], mask)
+            k, v = (cache.k[i], cache.v[i]) if full else (cache.k[i][:B, :, :n_slots], cache.v[i][:B, :, :n_slots])
+            x = layer(x, rope, write, k, v, mask)
         h = self.norm(x)
-        return StepOutput(
-            action_logits=self.action_head(h.to(self.action_head.weight.dtype)).float(),
-            cb0_logits=self.cb0_head(h.to(self.cb0_head.weight.dtype)).float(),
-            hidden=h,
-        )
+        h32 = h.float()  # the heads run in float32 (dia2-format.md §3.7)
+        return StepOutput(action_logits=self.action_head(h32), cb0_logits=self.cb0_head(h32), hidden=h)
 
 
 class DepformerAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, eps: float, weight_ids: tuple[int, ...]) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.gqa_query_heads, cfg.gqa_head_dim
+        self.eps = eps
         width = self.heads * self.head_dim
         self.in_proj = nn.ModuleDict({str(w): nn.Linear(cfg.n_embd, 3 * width, bias=False) for w in weight_ids})
         self.out_proj = nn.ModuleDict({str(w): nn.Linear(width, cfg.n_embd, bias=False) for w in weight_ids})
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
 
+    def qk_norm_weight(self) -> torch.Tensor:
+        """[2, 1, dh]: the q and k norm weights side by side, so one norm serves both."""
+        return torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, :]
+
     def forward(
         self,
         x: torch.Tensor,
         stage: int,
         weight_id: str,
-        rope: RotaryTable | None,
+        tables: StageTables,
+        qk_weight: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, 1, e]; caches [B, h, S, dh]; stage s attends over stages 0…s of this frame."""
+        """x [B, e]; caches [B, h, S, dh]; ``qk_weight`` from :meth:`qk_norm_weight`. Stage s
+        attends over the stages 0…s of this frame through the stage's additive mask over all S
+        slots, so all 31 stages have one shape: one kernel choice (one cuDNN plan) for all."""
         B = x.shape[0]
-        qkv = self.in_proj[weight_id](x).view(B, 1, 3, self.heads, self.head_dim)
-        q = self.q_norm(qkv[:, :, 0])
-        k = self.k_norm(qkv[:, :, 1])
-        v = qkv[:, :, 2]
-        if rope is not None:
-            pos = torch.full((B, 1), stage, dtype=torch.long, device=x.device)
-            q = rope.rotate(q, pos)
-            k = rope.rotate(k, pos)
-        k_cache[:, :, stage] = k[:, 0].to(k_cache.dtype)
-        v_cache[:, :, stage] = v[:, 0].to(v_cache.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k_cache[:, :, : stage + 1], v_cache[:, :, : stage + 1], scale=1.0
-        )
-        return self.out_proj[weight_id](out.transpose(1, 2).flatten(2))
+        qkv = self.in_proj[weight_id](x).view(B, 3, self.heads, self.head_dim)
+        qk = rms_normalize(qkv[:, :2], self.eps) * qk_weight  # [B, 2, h, dh]: q and k normed at once
+        if tables.rope is not None:
+            qk = tables.rope.apply(qk)
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # [B, h, dh]
+        k_cache[:, :, stage] = k
+        v_cache[:, :, stage] = v
+        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache,
+                                                               attn_mask=tables.mask, scale=1.0)
+        return self.out_proj[weight_id](out.view(B, self.heads * self.head_dim))
+
+
+@dataclass(frozen=True)
+class StageTables:
+    """What depends only on the stage index: RoPE at position s ([1, 1, dh] tables) and the
+    additive mask [1, 1, 1, S] of the slots 0…s, in the compute dtype."""
+
+    rope: Rope | None
+    mask: torch.Tensor
 
 
 class DepformerLayer(nn.Module):
@@ -243,6 +265,26 @@ class Depformer(nn.Module):
             if dep.apply_rope
             else None
         )
+        self.stage_tables: list[StageTables] = []
+        self.qk_weights: list[torch.Tensor] = []
+        self.build_tables()
+
+    def build_tables(self) -> None:
+        """Derived tensors, built once (and again by :meth:`Dia2Model.rebuild_rotary_tables` after
+        loading or a dtype change): per stage, :class:`StageTables`; per layer, the joint q/k
+        norm weight. Not parameters: change a norm weight and call this again."""
+        stages = len(self.audio_embeds)
+        dtype = self.norm.weight.dtype
+        device = self.norm.weight.device
+        slots = torch.arange(stages, device=device)
+        self.stage_tables = []
+        for s in range(stages):
+            rope = None
+            if self.rope is not None:
+                # [1, 1, dh]: broadcasts over [B, 2, h, dh]
+                rope = self.rope.at(torch.full((1, 1), s, dtype=torch.long, device=device), dtype)
+            self.stage_tables.append(StageTables(rope, additive_mask(slots <= s, dtype).view(1, 1, 1, stages)))
+        self.qk_weights = [layer.self_attention.qk_norm_weight() for layer in self.layers]
 
     def stage(
         self,
@@ -255,21 +297,21 @@ class Depformer(nn.Module):
         """One stage. hidden [B, E] (decoder output), prev_token [B] (codebook ``stage`` of the column
         being predicted, cb0 for stage 0) → logits [B, V'] float32 for codebook stage+1, V' = logit limit.
         ``text`` (main, second) [B] is only used at stage 0 by checkpoints with a depformer text embedding.
+        The cache's slots > ``stage`` may hold anything finite (they are masked).
         """
         B = hidden.shape[0]
         w = self.schedule[stage]
-        dtype = self.norm.weight.dtype
-        t = self.audio_embeds[stage](prev_token).to(dtype)
+        tables = self.stage_tables[stage]
+        t = self.audio_embeds[stage](prev_token)
         if stage == 0 and self.text_embed is not None and text is not None:
-            t = t + self.text_embed(text[0], text[1], self.text_pad_id).to(dtype)
-        z = (self.depformer_in[w](hidden.to(dtype)) + t).unsqueeze(1)  # [B, 1, e]
+            t = t + self.text_embed(text[0], text[1], self.text_pad_id)
+        z = self.depformer_in[w](hidden) + t  # [B, e]
+        full = cache.rows == B
         for i, layer in enumerate(self.layers):
-            z = z + layer.self_attention(
-                layer.pre_norm(z), stage, w, self.rope, cache.k[i][:B], cache.v[i][:B]
-            )
+            k, v = (cache.k[i], cache.v[i]) if full else (cache.k[i][:B], cache.v[i][:B])
+            z = z + layer.self_attention(layer.pre_norm(z), stage, w, tables, self.qk_weights[i], k, v)
             z = z + layer.mlp(layer.post_norm(z))
-        head = self.logits[stage]
-        out = head(self.norm(z)[:, 0].to(head.weight.dtype)).float()
+        out = self.logits[stage](self.norm(z).float())
         return out[:, : self.logit_limit]
 
 
@@ -311,11 +353,15 @@ class Dia2Model(nn.Module):
         )
 
     def rebuild_rotary_tables(self) -> None:
-        """Recompute the non-persistent RoPE tables on the model's device (after a meta-device build)."""
+        """Recompute the non-persistent RoPE tables and the depformer's per-stage tables on the
+        model's device in its compute dtype (after a meta-device build or a dtype change)."""
         cfg = self.config
         dec, dep = cfg.model.decoder, cfg.model.depformer
         lo, hi = cfg.model.rope_min_timescale, cfg.model.rope_max_timescale
         self.transformer.rope = RotaryTable(dec.gqa_head_dim, cfg.runtime.max_context_steps, lo, hi).to(self.device)
+        for layer in self.transformer.layers:
+            layer.attn.qk_weight = layer.attn.qk_norm_weight()
         if self.depformer.rope is not None:
             n = max(cfg.runtime.max_context_steps, cfg.num_stages)
             self.depformer.rope = RotaryTable(dep.gqa_head_dim, n, lo, hi).to(self.device)
+        self.depformer.build_tables()

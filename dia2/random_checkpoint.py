@@ -13,6 +13,9 @@ import copy
 import hashlib
 import json
 import math
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,12 +128,16 @@ def write_random_checkpoint(
     *,
     mimi: Literal["tiny", "full"] | None = None,
     config_overrides: dict[str, dict[str, Any]] | None = None,
+    depformer_text_embedding: bool = False,
 ) -> Path:
     """Write a complete random model folder. ``config_overrides`` maps a block ("data", "runtime",
-    "decoder", "depformer") to keys to replace, for tests that need e.g. a short context."""
+    "decoder", "depformer") to keys to replace, for tests that need e.g. a short context.
+    ``depformer_text_embedding``: give the depformer a text embedding (``text_embedding: true``;
+    the released checkpoints have none, the loader's default has one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = shape_config(shape)
+    raw["model"]["depformer"]["text_embedding"] = depformer_text_embedding
     for block, values in (config_overrides or {}).items():
         target = raw["model"][block] if block in ("decoder", "depformer") else raw[block]
         target.update(values)
@@ -160,3 +167,40 @@ def write_random_checkpoint(
 
 def is_random_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / RANDOM_MARKER).exists()
+
+
+#: Model names that stand for a random checkpoint written on first use (``--model random-tiny``).
+RANDOM_MODELS: dict[str, Shape] = {"random-tiny": "tiny"}
+
+
+def default_cache_dir() -> Path:
+    """Where random checkpoints named by :data:`RANDOM_MODELS` are written: ``$DIA2_CACHE``, else
+    ``$XDG_CACHE_HOME/dia2``, else ``~/.cache/dia2`` (never the working directory)."""
+    if os.environ.get("DIA2_CACHE"):
+        return Path(os.environ["DIA2_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "dia2"
+
+
+def resolve_random_model(
+    source: str, folder: str | Path | None = None, say: Callable[[str], None] | None = None
+) -> str:
+    """``source`` unchanged unless it names a random model (``random-tiny``): then the folder of
+    that checkpoint (``folder``, default ``default_cache_dir() / source``), written on first use
+    (seed 0) into a temporary folder and renamed, so a half-written one is never used."""
+    shape = RANDOM_MODELS.get(source)
+    if shape is None:
+        return source
+    target = Path(folder) if folder is not None else default_cache_dir() / source
+    if not (target / "config.json").exists():
+        if say is not None:
+            say(f"writing a {shape} random checkpoint to {target} (once)")
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_random_checkpoint(partial, shape, seed=0)
+        if (target / "config.json").exists():  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+    return str(target)

@@ -189,8 +189,8 @@ class Dia2:
             codes.append(s2_codes)
         return torch.cat(codes, dim=1), entries, all_steps
 
-    def warm_up(self, engine: StepEngine, slot: int, prompt: VoicePrompt) -> tuple[PromptState, torch.Tensor]:
-        """Teacher-force the prompt in ``slot``; returns its state and its aligned codes [K, P]."""
+    def prefill_prompt(self, engine: StepEngine, slot: int, prompt: VoicePrompt) -> tuple[PromptState, torch.Tensor]:
+        """Prefill: teacher-force the prompt in ``slot``; returns its state and its aligned codes [K, P]."""
         codes, entries, steps = self.prompt_plan(prompt)
         p = codes.shape[1]
         room = self.config.runtime.max_context_steps - p - self.flush_steps
@@ -205,7 +205,7 @@ class Dia2:
         if dropped:
             # Words whose forced start falls at or after the prompt's end were never fed; they are
             # the prompt's, so they must not leak into the turn (dia2-format.md §5.5).
-            log.debug("prompt warm-up left %d prompt word(s) unconsumed; dropped", dropped)
+            log.debug("prompt prefill left %d prompt word(s) unconsumed; dropped", dropped)
         state.extra["dropped_prompt_words"] = dropped
         return state, codes
 
@@ -228,7 +228,7 @@ class Dia2:
         engine = self.engine(rules)
         prompt_codes: torch.Tensor | None = None
         if prompt is not None:
-            pstate, prompt_codes = self.warm_up(engine, 0, prompt)
+            pstate, prompt_codes = self.prefill_prompt(engine, 0, prompt)
             self.check_fits(entries, cfg.initial_padding, pstate.prompt_frames)
             turn = new_text_state(rules, entries, initial_padding=cfg.initial_padding, closed=True)
             slot = engine.start_from_prompt(0, cfg, pstate, turn)

@@ -62,58 +62,124 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def stream_uniforms(seeds: torch.Tensor, steps: torch.Tensor, slot: int) -> torch.Tensor:
-    """Uniform floats in [0, 1) for each stream: ``seeds`` [B] and ``steps`` [B] int64 → [B] float32."""
+def stream_uniforms(seeds: torch.Tensor, steps: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+    """Uniform floats in [0, 1) for each stream: ``seeds`` [B] and ``steps`` [B] int64 → [B] float32.
+
+    ``slot`` may be a tensor of slots [S] (int64): then all of them at once, [B, S], each number
+    equal to the one a separate call for that slot gives (one call serves a whole step)."""
     h = _mix32(seeds & _M32)
     h = _mix32(h ^ ((seeds >> 32) & _M32))
     h = _mix32(h ^ (steps & _M32))
+    if isinstance(slot, torch.Tensor):
+        h = h[:, None]
     h = _mix32(h ^ slot)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def cfg_filter(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:
+#: The largest top-k (sampling) and CFG filter k a step supports below the full vocabulary: the
+#: cut-off is found with one ``topk`` of this size instead of sorting the vocabulary.
+MAX_TOP_K = 256
+
+
+def check_top_k(name: str, k: int, vocab: int, max_k: int = MAX_TOP_K) -> None:
+    """Refuse a k the step cannot cut at (0 and >= vocab mean "no cut" and are always fine)."""
+    if max_k < k < vocab:
+        raise ValueError(f"{name}={k} is above the step's top-k limit {max_k} (vocabulary {vocab}); "
+                         f"use a value <= {max_k}, or 0 for no cut")
+
+
+@dataclass(frozen=True)
+class CfgCut:
+    """Per-step constants of the CFG candidate cut over a V-wide head, for n rows (built once a
+    step by :func:`cfg_cut`, used by every head of that width)."""
+
+    scale: torch.Tensor  # [n, 1] float32
+    index: torch.Tensor  # [n, 1] int64: k - 1, inside the topk window
+    off: torch.Tensor  # [n, 1] bool: the row is left unchanged (scale 1, k <= 0, or no cut)
+    width: int  # topk window: min(max_k, V)
+
+
+def cfg_cut(scale: torch.Tensor, filter_k: torch.Tensor, vocab: int, max_k: int = MAX_TOP_K) -> CfgCut:
+    """``scale`` [n] float, ``filter_k`` [n] int64 (each ≤ ``max_k`` or ≥ V; above ``max_k`` is
+    no cut: :func:`check_top_k` refuses those first)."""
+    width = min(max_k, vocab)
+    off = (scale == 1.0) | (filter_k <= 0) | (filter_k > width) | (filter_k >= vocab)
+    return CfgCut(scale[:, None], (filter_k.clamp(1, width) - 1)[:, None], off[:, None], width)
+
+
+def cfg_filter_cut(cond: torch.Tensor, uncond: torch.Tensor, cut: CfgCut) -> torch.Tensor:
     """Guidance as Dia2 does it: the guided logits only choose candidates.
 
-    ``cond``/``uncond`` [B, V] float32, ``scale`` [B], ``filter_k`` [B] int64. Returns ``cond``
-    with every entry whose guided value is below the row's k-th largest guided value set to
-    -inf (ties kept). Rows with scale == 1 or k <= 0 are returned unchanged.
+    ``cond``/``uncond`` [n, V] float32. Returns ``cond`` with every entry whose guided value is
+    below the row's k-th largest guided value set to -inf (ties kept); rows ``cut.off`` unchanged.
+    The k-th value comes from one ``topk`` of ``cut.width`` (no sort of the vocabulary).
     """
-    vocab = cond.shape[-1]
-    k = filter_k.clamp(1, vocab)
-    guided = torch.lerp(uncond, cond, scale[:, None].to(cond.dtype))
-    ordered = torch.sort(guided, dim=-1, descending=True).values
-    kth = ordered.gather(-1, (k - 1)[:, None])
-    filtered = cond.masked_fill(guided < kth, float("-inf"))
-    unchanged = (scale == 1.0) | (filter_k <= 0)
-    return torch.where(unchanged[:, None], cond, filtered)
+    guided = torch.lerp(uncond, cond, cut.scale.to(cond.dtype))
+    kth = guided.topk(cut.width, dim=-1).values.gather(-1, cut.index)
+    kth = kth.masked_fill(cut.off, float("-inf"))  # an unchanged row: nothing is below -inf
+    return cond.masked_fill(guided < kth, float("-inf"))
+
+
+def cfg_filter(
+    cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, filter_k: torch.Tensor, max_k: int = MAX_TOP_K
+) -> torch.Tensor:
+    """:func:`cfg_filter_cut` with the cut built for this call: ``scale`` [B], ``filter_k`` [B]."""
+    return cfg_filter_cut(cond, uncond, cfg_cut(scale, filter_k, cond.shape[-1], max_k))
+
+
+@dataclass(frozen=True)
+class SampleCut:
+    """Per-step constants of sampling over a V-wide head, for n rows (built once a step by
+    :func:`sample_cut`)."""
+
+    temperature: torch.Tensor  # [n, 1] float32, 1 where greedy (never divides by 0)
+    greedy: torch.Tensor  # [n] bool: temperature <= 0, take the argmax
+    index: torch.Tensor  # [n, 1] int64: top_k - 1, inside the topk window
+    no_cut: torch.Tensor  # [n, 1] bool: keep every id (top_k 0, ≥ V, or above the window)
+    width: int  # topk window: min(max_k, V)
+
+
+def sample_cut(temperature: torch.Tensor, top_k: torch.Tensor, vocab: int, max_k: int = MAX_TOP_K) -> SampleCut:
+    """``temperature`` [n], ``top_k`` [n] int64 (each ≤ ``max_k``, or 0 / ≥ V for no cut; above
+    ``max_k`` is no cut: :func:`check_top_k` refuses those first)."""
+    width = min(max_k, vocab)
+    greedy = temperature <= 0
+    no_cut = (top_k <= 0) | (top_k > width) | (top_k >= vocab)
+    return SampleCut(
+        temperature=torch.where(greedy, 1.0, temperature)[:, None],
+        greedy=greedy,
+        index=(top_k.clamp(1, width) - 1)[:, None],
+        no_cut=no_cut[:, None],
+        width=width,
+    )
+
+
+def sample_with(logits: torch.Tensor, cut: SampleCut, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one id per row. ``logits`` [n, V] float32, ``uniforms`` [n, 1] → [n] int64.
+
+    Greedy rows take the argmax. Others: softmax(logits / T) with NaN/inf → 0, the ids whose
+    probability is at least the row's ``top_k``-th largest kept (ties at the cut are kept),
+    then one id drawn by inverse CDF with the row's uniform over the kept probabilities in
+    vocabulary order (no sort); a row with no probability mass left draws id 0.
+    """
+    probs = torch.softmax(logits / cut.temperature, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+    kth = probs.topk(cut.width, dim=-1).values.gather(-1, cut.index)
+    kth = kth.masked_fill(cut.no_cut, 0.0)  # no cut: keep every id
+    cdf = torch.cumsum(probs.masked_fill(probs < kth, 0.0), dim=-1)
+    total = cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, uniforms * total, right=True).clamp(max=logits.shape[-1] - 1)
+    drawn = drawn.masked_fill(total <= 0, 0)[:, 0]
+    return torch.where(cut.greedy, logits.argmax(dim=-1), drawn)
 
 
 def sample(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniforms: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    uniforms: torch.Tensor,
+    max_k: int = MAX_TOP_K,
 ) -> torch.Tensor:
-    """Draw one id per row. ``logits`` [B, V] float32, ``temperature`` [B], ``top_k`` [B] int64,
-    ``uniforms`` [B] → [B] int64.
-
-    Rows with temperature <= 0 take the argmax. Others: softmax(logits / T) with NaN/inf → 0,
-    an all-zero row becomes one-hot at id 0, the row's ``top_k`` most likely ids kept (0 = all)
-    and renormalised, then one id drawn by inverse CDF with the row's uniform.
-    """
-    vocab = logits.shape[-1]
-    greedy = logits.argmax(dim=-1)
-    safe_t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    probs = torch.softmax(logits / safe_t[:, None], dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
-    dead = probs.sum(dim=-1, keepdim=True) <= 0
-    one_hot0 = torch.zeros_like(probs)
-    one_hot0[:, 0] = 1.0
-    probs = torch.where(dead, one_hot0, probs)
-    row_k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    top_p, top_i = torch.sort(probs, dim=-1, descending=True, stable=True)
-    keep = torch.arange(vocab, device=logits.device)[None, :] < row_k[:, None]
-    top_p = top_p * keep
-    cdf = torch.cumsum(top_p, dim=-1)
-    target = uniforms[:, None] * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, target, right=True)
-    pick = torch.minimum(pick, row_k[:, None] - 1)
-    drawn = top_i.gather(-1, pick).squeeze(-1)
-    return torch.where(temperature > 0, drawn, greedy)
+    """:func:`sample_with` with the cut built for this call: ``temperature`` [B], ``top_k`` [B]
+    int64, ``uniforms`` [B] → [B] int64."""
+    return sample_with(logits, sample_cut(temperature, top_k, logits.shape[-1], max_k), uniforms[:, None])

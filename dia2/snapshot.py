@@ -170,7 +170,7 @@ def build_snapshot(
     if prompt.s2 is not None:
         _check_clip(runtime, "S2 clip", prompt.s2.audio, max_frames)
     engine = engine or runtime.engine(runtime.rules())
-    state, codes = runtime.warm_up(engine, slot, prompt)
+    state, codes = runtime.prefill_prompt(engine, slot, prompt)
     if state.prompt_frames > max_frames:
         raise PromptError(
             f"prompt is {state.prompt_frames / runtime.frame_rate:.1f} s in all; at most "

@@ -129,20 +129,6 @@ class TextState:
     text_closed: bool = True
     held_steps: int = 0
 
-    def reset(self, entries: Iterable[Entry] = (), *, closed: bool = True) -> None:
-        """Back to a fresh turn with ``entries`` queued (containers are refilled, not replaced)."""
-        self.entries.clear()
-        self.entries.extend(entries)
-        self.padding_budget = self.initial_padding
-        self.forced_padding = self.initial_padding
-        self.pending_tokens.clear()
-        self.lookahead_tokens.clear()
-        self.end_step = None
-        self.transcript.clear()
-        self.consumption_steps.clear()
-        self.text_closed = closed
-        self.held_steps = 0
-
     def copy(self) -> TextState:
         """An independent snapshot: no container is shared (entries themselves are immutable)."""
         return TextState(
@@ -256,7 +242,7 @@ def process(
     """Advance ``state`` by one step given the sampled action; return (main, second) text ids.
 
     ``token``: the sampled action (1 = new word, 0 = pad) or, for a forced call, the text id
-    new_word/pad itself; anything else counts as pad. ``forced``: a warm-up call, which keeps
+    new_word/pad itself; anything else counts as pad. ``forced``: a prompt-prefill call, which keeps
     the given token whatever the padding counters say (pending tokens still win).
     ``hold``: treat this step as pad without spending the padding budget (use it while
     :func:`needs_text` is True). An open text that runs dry holds by itself and never ends.

@@ -26,7 +26,7 @@ import torch
 
 from .codec import MimiStreamDecoder
 from .engine import FrameOut, SlotState, StepEngine
-from .errors import StreamError
+from .errors import DeviceLost, StreamError, is_device_lost
 from .runtime import Dia2
 from .sampling import GenerationConfig
 from .snapshot import VoiceSnapshot
@@ -295,6 +295,9 @@ class StreamRunner:
         state untouched, so each slot's step is run again alone and only the slots that raise
         alone fail (the others advance exactly as in the batch: counter-based RNG, idempotent
         device writes). A Mimi decode that raises fails the streams of that decode call.
+
+        :class:`DeviceLost` is not isolated: it propagates (the device context is gone for every
+        stream; the owner must rebuild the runtime in a new process).
         """
         if not self.streams:
             return []
@@ -302,6 +305,8 @@ class StreamRunner:
         batch_error: Exception | None = None
         try:
             frames = self.engine.step(slots)
+        except DeviceLost:
+            raise
         except Exception as exc:  # isolation boundary: find the stream(s) that raise alone (below)
             batch_error, frames = exc, []
         if batch_error is not None:
@@ -313,6 +318,8 @@ class StreamRunner:
                 for slot in slots:
                     try:
                         frames.extend(self.engine.step([slot]))
+                    except DeviceLost:
+                        raise
                     except Exception as exc:
                         self._fail(self.streams[slot], exc)
             slots = [s for s in slots if s in self.streams]
@@ -324,6 +331,9 @@ class StreamRunner:
                     pcm = self.decoder.decode(codes, rows=[f.slot for f in frames], validate=False)
                 pcm_host = pcm.float().cpu().numpy()
             except Exception as exc:  # the decoder rows may be half-updated: those streams cannot go on
+                if self.runtime.device.type == "cuda" and is_device_lost(exc):
+                    raise DeviceLost(f"the {self.runtime.device} context failed in the Mimi decode ({exc}); "
+                                     "restart the process that owns this runtime") from exc
                 for frame in frames:
                     self._fail(self.streams[frame.slot], exc)
                 frames = []

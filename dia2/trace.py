@@ -3,7 +3,8 @@
 Input ``tokens`` int64 [B, C, T+1] in the official channel layout (channel 0 main text,
 1 second text, 2… audio codebooks), B = 2 CFG rows. For each step t < T the transformer
 reads column t at position t, and depformer stage s is teacher-forced with codebook s of
-column t+1 (stage 0 also gets column t+1's text where the checkpoint embeds text there).
+column t+1 (stage 0 also gets column t+1's text where the checkpoint embeds text there: row
+0's text for every row, as the reference runtime feeds the conditional text to both CFG rows).
 Outputs (float32): ``action_logits`` [B, T, A], ``cb0_logits`` [B, T, V],
 ``depformer_logits`` [B, T, K-1, V'] with V' the audio logit limit.
 """
@@ -44,7 +45,9 @@ def teacher_forced_trace(model: Dia2Model, tokens: torch.Tensor) -> dict[str, to
             action.append(out.action_logits[:, 0])
             cb0.append(out.cb0_logits[:, 0])
             nxt = tokens[:, :, t + 1]
-            text = (nxt[:, 0], nxt[:, 1]) if model.depformer.text_embed is not None else None
+            text = None
+            if model.depformer.text_embed is not None:
+                text = (nxt[:1, 0].expand(rows), nxt[:1, 1].expand(rows))  # row 0's text on every row
             per_stage = []
             for s in range(cfg.num_stages):
                 prev = nxt[:, 2 + s].clamp(0, cfg.data.audio_vocab_size - 1)

@@ -68,10 +68,17 @@ def test_calls_quick_finds_a_capacity(tmp_path: Path) -> None:
     assert report["max_realtime_calls"] == max(held, default=0)
 
 
-def test_step_quick_measures_the_eager_baseline(tmp_path: Path) -> None:
+def test_step_quick_times_full_steps_and_counts_operations(tmp_path: Path) -> None:
     report = run_bench("step.py", tmp_path / "step.json")
-    has_keys(report, {"device", "shape", "commit", "batches", "results"}, "report")
+    has_keys(report, {"device", "shape", "commit", "batches", "results", "ops", "shapes"}, "report")
     assert report["results"], "no step figures"
+    # The timed window starts after the max delay (18): every timed step runs the depformer.
+    assert report["shapes"]["tiny"]["positions"][0] >= 18
+    assert set(report["ops"]["tiny"]) == {"1", str(max(report["batches"]))}
+    for batch, count in report["ops"]["tiny"].items():
+        has_keys(count, {"ops_full_step", "ops_transformer_step", "kernels_full_step", "kernels_transformer_step"},
+                 f"ops[tiny][{batch}]")
+        assert count["ops_full_step"] > count["ops_transformer_step"] > 0
 
 
 def test_soak_quick_loses_nothing_and_leaks_nothing(tmp_path: Path) -> None:

@@ -130,3 +130,25 @@ def test_bad_input_gives_clear_errors(tiny_runtime: Dia2, tmp_path: Path, capsys
     rc = dia2_main(["generate", "--model", str(tmp_path / "missing"), "--text", "[S1] Hi.", "--out", str(tmp_path / "o.wav")])
     assert rc == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_generate_cli_accepts_random_tiny_and_runs_on_one_cpu_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--model random-tiny`` as ``callbridge serve`` takes it: written once into the cache folder
+    (never the working directory). Generation on the main thread with the default two OpenMP
+    threads was ~20x slower than the service's worker thread on a busy CPU; the CLI uses one."""
+    import torch
+
+    monkeypatch.setenv("DIA2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        rc = dia2_main(["generate", "--model", "random-tiny", "--text", "[S1] Hi.", "--out", "a.wav", "--device", "cpu"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0
+    assert (tmp_path / "cache" / "random-tiny" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "cache"]
+    assert "writing a tiny random checkpoint" in capsys.readouterr().err

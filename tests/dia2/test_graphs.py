@@ -14,6 +14,7 @@ from dia2.engine import FrameOut, StepEngine, StepRecord
 from dia2.graphs import (
     ENV_VAR,
     CUDAGraphed,
+    Edge,
     GraphShapeError,
     SlotInputs,
     bucket_for,
@@ -161,7 +162,7 @@ def test_the_device_step_makes_no_python_level_host_sync(
         monkeypatch.setattr(torch.Tensor, name, sync)
     out = step(depformer=True)
     monkeypatch.undo()
-    assert out.edge.shape == (2, 1 + engine.num_codebooks)
+    assert out.edge.shape == (2, Edge.CODES + engine.num_codebooks)
     assert out.stage_logits is not None and out.stage_logits.shape[:2] == (4, engine.config.num_stages)
 
 
@@ -215,7 +216,7 @@ def test_env_var_and_context_manager_switch_graphs_off(graphs_env: pytest.Monkey
         StepEngine(tiny_runtime.model, tiny_runtime.rules(), use_cuda_graphs=True)
     engine = StepEngine(tiny_runtime.model, tiny_runtime.rules())
     assert not engine.use_cuda_graphs and not engine.static_shapes  # CPU default: plain eager
-    engine.warm_up_graphs()  # a no-op without graphs
+    engine.capture_graphs()  # a no-op without graphs
 
 
 def test_bf16_policy_weights_bf16_heads_fp32_caches_bf16(tiny_runtime: Dia2) -> None:
@@ -308,7 +309,8 @@ def test_cuda_graphed_step_has_no_host_sync(graphs_env: pytest.MonkeyPatch, cuda
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = step(depformer=True)  # host→device copy in, replay
+        step.guard.release()
         out = step(depformer=False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert out.edge.cpu().shape == (2, 1 + engine.num_codebooks)
+    assert out.edge.cpu().shape == (2, Edge.CODES + engine.num_codebooks)

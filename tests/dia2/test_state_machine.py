@@ -434,18 +434,6 @@ def test_copy_is_independent_and_replays_identically() -> None:
     assert replay == live
 
 
-def test_reset_restores_a_fresh_turn() -> None:
-    r = rules(ahead=2, initial_padding=1)
-    state = new_text_state(r, [A, B])
-    run(r, state, [1] * 12)
-    assert state.end_step is not None
-    state.reset([C, D], closed=False)
-    fresh = new_text_state(r, [C, D], closed=False)
-    assert state == fresh
-    state.reset()
-    assert state == new_text_state(r)
-
-
 def test_entry_stores_tokens_as_a_tuple_and_rejects_negative_padding() -> None:
     e = Entry([1, 2], "x", 2)  # type: ignore[arg-type]
     assert e.tokens == (1, 2)
