@@ -123,7 +123,7 @@ class Span:
 class RunnerProbe:
     """Times the engine's steps, the Mimi decodes and the restores of one worker's runner.
 
-    Installed on the worker thread (``worker.call``) by shadowing three bound methods on the
+    Installed on the worker thread (``worker.run_in_thread``) by shadowing three bound methods on the
     instances: no code of dia2 or callbridge changes. Spans are appended on the worker thread
     and taken there too (``worker.run_in_thread(probe.take)``), so no lock is needed.
     """
