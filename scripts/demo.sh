@@ -5,5 +5,5 @@
 # Writes out/heard.wav (what the caller heard) and out/report.json, and prints the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh "service,voice"
+bash scripts/setup_venv.sh "voice"
 exec .venv/bin/callbridge demo --out out/heard.wav --report out/report.json "$@"
