@@ -1,10 +1,11 @@
-"""``callbridge``: serve, simulate, demo, voice. Errors print one line and exit with status 2."""
+"""``callbridge``: serve, simulate, demo, voice. A user's mistake prints one line that says what
+to do (``error: ...``) and exits with status 2; never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import errno
 import logging
 import secrets
 import signal
@@ -15,6 +16,12 @@ from pathlib import Path
 from dia2 import Dia2Error
 
 from .config import Settings, SettingsError, load_settings
+from .voices import VoiceError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Libraries whose INFO lines are theirs, not ours: twilio logs every REST request and response
+# (about 11 lines per hang-up, with the account URL).
+QUIET_LIBRARIES = ("twilio",)
 
 
 def _say(msg: str) -> None:
@@ -37,17 +44,59 @@ def _setup_logging(level: str) -> None:
     handler.addFilter(_CallContext())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(call_ctx)s%(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _take_log_level(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--log-level LEVEL`` (or ``=LEVEL``) from anywhere on the line: before or after the
+    subcommand. Returns the level (None if absent) and the other arguments."""
+    level: str | None = None
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--log-level":
+            level = next(it, "")
+        elif arg.startswith("--log-level="):
+            level = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    if level is not None and level.upper() not in LOG_LEVELS:
+        raise SettingsError(f"--log-level {level!r}: use one of {', '.join(LOG_LEVELS)} (before or after the command)")
+    return level, rest
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening address, taken before the model loads so a busy port fails in a second."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SettingsError(f"port {port} on {host} is already in use (another callbridge?): stop that "
+                                "process or pick another port (CALLBRIDGE_PORT=8081)") from None
+        raise SettingsError(f"cannot listen on {host}:{port} ({exc.strerror}): check CALLBRIDGE_HOST / "
+                            "CALLBRIDGE_PORT") from None
+    return sock
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .startup import check_secrets
+    from .startup import check_device, check_secrets, public_url_warning
 
     settings = load_settings(args.config)
     check_secrets(settings)
-    return asyncio.run(_serve(settings))
+    check_device(settings)
+    warning = public_url_warning(settings)
+    if warning:
+        _say(warning)
+    sock = _bind(settings.server.host, settings.server.port)
+    return asyncio.run(_serve(settings, sock))
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, sock: socket.socket) -> int:
     """Run until SIGINT/SIGTERM; then drain live calls *before* aiohttp stops reading sockets."""
     from aiohttp import web
 
@@ -55,10 +104,15 @@ async def _serve(settings: Settings) -> int:
 
     app = build_app(settings, say=_say)
     runner = web.AppRunner(app, shutdown_timeout=settings.server.shutdown_timeout_s)
-    await runner.setup()
-    await web.TCPSite(runner, settings.server.host, settings.server.port).start()
-    _say(f"callbridge listening on http://{settings.server.host}:{settings.server.port} "
-         f"(public URL: {settings.server.public_base_url or 'not set'})")
+    try:
+        await runner.setup()  # loads the model and the voices
+    except BaseException:
+        sock.close()
+        raise
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
+    _say(f"callbridge listening on http://{host}:{port} "
+         f"(public URL: {settings.server.public_base_url or 'NOT SET, see the warning above'})")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,7 +136,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     """Start the service in-process, place one simulated call, write the WAV and the report."""
     from aiohttp import web
 
-    from .sim import FakeTwilioRest, SimConfig, run_simulation
+    from .sim import FakeTwilioRest, SimConfig, format_report, run_simulation
     from .web.app import build_app
 
     port = _free_port()
@@ -122,27 +176,38 @@ async def run_demo(args: argparse.Namespace) -> int:
     finally:
         await runner.cleanup()
         await rest.stop()
-    report = reports[0].to_json()
-    print(json.dumps(report, indent=2))
-    _say(f"heard audio: {args.out}; report: {args.report}")
-    return 0 if not report.get("protocol_errors") and report.get("lost_or_reordered", 0) == 0 else 1
+    print(format_report(reports[0]))
+    print(f"heard audio: {args.out}; full report (JSON): {args.report}")
+    return 0 if reports[0].ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="callbridge", description="A phone line in one cloned voice (Dia2 + Twilio)")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="callbridge", description="A phone line in one cloned voice (Dia2 + Twilio)",
+        epilog="--log-level may come before or after the command. `callbridge COMMAND --help` for each command.",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper,
+                        help="log verbosity (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "TOML config (default: $CALLBRIDGE_CONFIG, else config/callbridge.toml in a source checkout, else the built-in defaults)"
 
-    serve = sub.add_parser("serve", help="run the service")
-    serve.add_argument("--config", default=None, help="TOML config (default: $CALLBRIDGE_CONFIG or config/callbridge.toml)")
+    serve = sub.add_parser("serve", help="run the service", description="Run the phone service until Ctrl-C / SIGTERM.")
+    serve.add_argument("--config", default=None, help=config_help)
     serve.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo", help="service + one simulated call on loopback; writes what the caller heard")
-    demo.add_argument("--config", default=None)
-    demo.add_argument("--text", action="append", help="a turn to speak (repeatable)")
-    demo.add_argument("--greeting", default="Hello! You are talking to the callbridge demo.")
-    demo.add_argument("--out", default="out/heard.wav")
-    demo.add_argument("--report", default="out/report.json")
+    demo = sub.add_parser(
+        "demo", help="service + one simulated call on loopback; writes what the caller heard",
+        description="Start the service in-process, place one simulated Twilio call on loopback (greeting + "
+                    "turns), write what the caller heard and the full JSON report, and print a short summary. "
+                    "Exit status 0 when the call was clean.",
+    )
+    demo.add_argument("--config", default=None, help=config_help)
+    demo.add_argument("--text", action="append", metavar="TEXT",
+                      help="a turn to speak after the greeting (repeatable; default: one sample sentence)")
+    demo.add_argument("--greeting", default="Hello! You are talking to the callbridge demo.",
+                      help="spoken when the call connects (default: %(default)r; '' for none)")
+    demo.add_argument("--out", default="out/heard.wav", help="WAV of what the caller heard, 8 kHz (default: %(default)s)")
+    demo.add_argument("--report", default="out/report.json", help="full call report as JSON (default: %(default)s)")
     demo.set_defaults(func=lambda a: asyncio.run(run_demo(a)))
 
     sim = sub.add_parser("simulate", help="act as Twilio against a running service", add_help=False)
@@ -155,22 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        level, argv = _take_log_level(argv)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # simulate and voice own their argument parsing.
     if argv[:1] == ["simulate"]:
         from .sim import main_simulate
 
-        _setup_logging("WARNING")
+        _setup_logging(level or "WARNING")
         return main_simulate(argv[1:])
     if argv[:1] == ["voice"]:
         from .voices.cli import main_voice
 
-        _setup_logging("INFO")
+        _setup_logging(level or "INFO")
         return main_voice(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv if level is None else ["--log-level", level, *argv])
     _setup_logging(args.log_level)
     try:
         return int(args.func(args))
-    except (SettingsError, Dia2Error) as exc:
+    except (SettingsError, VoiceError, Dia2Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+# The documented defaults file of a source checkout. An installed wheel has no such file and runs
+# on the dataclass defaults below, which tests/callbridge/test_config.py holds equal to it key by key.
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "callbridge.toml"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 class SettingsError(Exception):
@@ -54,6 +58,9 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     mimi: str = ""
+    # Where generated files go (the random-tiny checkpoint); "" = $XDG_CACHE_HOME/callbridge,
+    # else ~/.cache/callbridge. Never the working directory.
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_PUBLIC_BASE_URL": ("server", "public_base_url"),
     "CALLBRIDGE_MODEL": ("model", "model"),
     "CALLBRIDGE_DEVICE": ("model", "device"),
+    "CALLBRIDGE_CACHE_DIR": ("model", "cache_dir"),
     "CALLBRIDGE_VOICE": ("voices", "default"),
     "CALLBRIDGE_VOICES_DIR": ("voices", "dir"),
     "CALLBRIDGE_API_TOKEN": ("auth", "api_token"),
@@ -203,6 +211,10 @@ def validate(s: Settings) -> None:
         raise bad("server.public_base_url", url, "must start with https:// (or http:// for local tests)")
     if url and ("?" in url or "#" in url):
         raise bad("server.public_base_url", url, "must not carry a query string or fragment")
+    if s.model.device not in DEVICES and not (s.model.device.startswith("cuda:") and s.model.device[5:].isdigit()):
+        raise bad("model.device", s.model.device, "use auto, cpu, cuda or cuda:N (env CALLBRIDGE_DEVICE)")
+    if s.model.dtype not in DTYPES:
+        raise bad("model.dtype", s.model.dtype, "use auto, float32 or bfloat16")
     if s.tts.max_streams < 1:
         raise bad("tts.max_streams", s.tts.max_streams, "must be at least 1")
     if s.calls.max_calls < 1:
@@ -237,6 +249,13 @@ def validate(s: Settings) -> None:
         raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
 
 
+def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
+    """``$XDG_CACHE_HOME/callbridge``, else ``~/.cache/callbridge``."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "callbridge"
+
+
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
     """File (``path``, else $CALLBRIDGE_CONFIG, else config/callbridge.toml) + environment overrides."""
     environ = dict(os.environ) if env is None else env
@@ -261,5 +280,7 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
             current = getattr(settings, section)
             value = _coerce(environ[var], getattr(current, key), f"{var} ({section}.{key})")
             settings = replace(settings, **{section: replace(current, **{key: value})})
+    if not settings.model.cache_dir:
+        settings = replace(settings, model=replace(settings.model, cache_dir=str(default_cache_dir(environ))))
     validate(settings)
     return settings

@@ -8,13 +8,12 @@ from pathlib import Path
 
 from dia2 import Dia2, is_random_checkpoint, write_random_checkpoint
 
-from .config import Settings, SettingsError
+from .config import Settings, SettingsError, default_cache_dir
 from .voices import VoiceRegistry
 
 log = logging.getLogger(__name__)
 
 RANDOM_TINY = "random-tiny"
-RANDOM_TINY_DIR = Path("out") / "random-tiny"
 
 BANNER = """
 ************************************************************************
@@ -33,15 +32,60 @@ def check_secrets(settings: Settings) -> None:
         raise SettingsError("twilio.validate_signatures is true but TWILIO_AUTH_TOKEN is not set")
 
 
+PUBLIC_URL_WARNING = """
+************************************************************************
+* WARNING: CALLBRIDGE_PUBLIC_BASE_URL is not set, and Twilio signatures
+* are checked. The stream URL handed to Twilio will be ws://, which
+* Twilio cannot reach, and each signature is checked against the URL the
+* request arrived with (http://{local}/...), not the https:// URL Twilio
+* signed: behind a tunnel or proxy every call gets 403.
+* Set it to the URL Twilio uses: export CALLBRIDGE_PUBLIC_BASE_URL=https://...
+************************************************************************"""
+
+
+def public_url_warning(settings: Settings) -> str | None:
+    """The loud start-up warning when Twilio could neither reach us nor pass our signature check."""
+    if settings.server.public_base_url or not settings.twilio.validate_signatures:
+        return None
+    return PUBLIC_URL_WARNING.format(local=f"{settings.server.host}:{settings.server.port}")
+
+
 def resolve_model(settings: Settings, say: Callable[[str], None]) -> str:
+    """The model source to load; ``random-tiny`` becomes a checkpoint in the cache folder."""
     source = settings.model.model
     if source != RANDOM_TINY:
         return source
     say(BANNER)
-    if not (RANDOM_TINY_DIR / "config.json").exists():
-        say(f"writing a tiny random checkpoint to {RANDOM_TINY_DIR}")
-        write_random_checkpoint(RANDOM_TINY_DIR, "tiny", seed=0)
-    return str(RANDOM_TINY_DIR)
+    folder = random_tiny_dir(settings)
+    if (folder / "config.json").exists():
+        say(f"random tiny checkpoint: {folder}")
+    else:
+        say(f"writing a tiny random checkpoint to {folder} (cache folder: model.cache_dir / CALLBRIDGE_CACHE_DIR)")
+        try:
+            write_random_checkpoint(folder, "tiny", seed=0)
+        except OSError as exc:
+            raise SettingsError(f"cannot write the random tiny checkpoint to {folder} ({exc.strerror}): "
+                                "set CALLBRIDGE_CACHE_DIR to a writable folder") from None
+    return str(folder)
+
+
+def random_tiny_dir(settings: Settings) -> Path:
+    return Path(settings.model.cache_dir or default_cache_dir()) / RANDOM_TINY
+
+
+def check_device(settings: Settings) -> None:
+    """``cuda`` means a GPU or nothing: fail at start, never fall back to the CPU silently."""
+    device = settings.model.device
+    if not device.startswith("cuda"):
+        return
+    import torch  # here, not at import: the check is the only torch use of start-up
+
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise SettingsError(
+            f"model.device = {device!r} (CALLBRIDGE_DEVICE) but no CUDA GPU is visible (torch {torch.__version__}, "
+            f"{build}): run on a GPU host (docker: the NVIDIA container toolkit), or set CALLBRIDGE_DEVICE=cpu"
+        )
 
 
 def load_runtime_and_voices(
@@ -49,6 +93,7 @@ def load_runtime_and_voices(
 ) -> tuple[Dia2, VoiceRegistry]:
     tell = say or (lambda msg: log.info("%s", msg))
     if runtime is None:
+        check_device(settings)
         source = resolve_model(settings, tell)
         m = settings.model
         runtime = Dia2.load(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -68,6 +69,7 @@ class _CallRun:
         self.index = index
         self.rest = rest
         self.caller = caller
+        self.voice_chunk = caller.voice_chunk if cfg.barge_in_at_s is not None else None
         self.loop = asyncio.get_running_loop()
         self.call_sid = _new_sid("CA")
         self.stream_sid = _new_sid("MZ")
@@ -243,7 +245,6 @@ class _CallRun:
     async def _caller_audio(self) -> None:
         """Caller media every 20 ms at absolute deadlines, dtmf on cue; late wake-ups burst."""
         cues = deque(sorted(self.cfg.dtmf))
-        voice_chunk = self.caller.voice_chunk if self.cfg.barge_in_at_s is not None else None
         for n in range(int(self.cfg.max_call_s / CHUNK_S) + 1):
             delay = self.t0 + n * CHUNK_S - self._now()
             if delay > 0:
@@ -254,7 +255,7 @@ class _CallRun:
                 digit = cues.popleft()[1]
                 if self._emit("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}}):
                     self.report.dtmf_sent.append(digit)
-            if n == voice_chunk:
+            if n == self.voice_chunk:
                 self.speech_start_t = self._now()
             payload = base64.b64encode(self.caller.chunk(n)).decode("ascii")
             self._emit("media", {"media": {"track": "inbound", "chunk": str(n + 1),
@@ -400,8 +401,8 @@ class _CallRun:
         }})
         self.started = True
         self.background += [asyncio.create_task(self._ticker()), asyncio.create_task(self._caller_audio())]
-        if cfg.stream_text and cfg.texts:
-            await self._open_text_socket()
+        # Both modes listen on the text socket: its events say each turn's state and heard words.
+        await self._open_text_socket()
         await self._wait_greeting()
         for i, text in enumerate(cfg.texts, start=1):
             if self.ending:
@@ -409,12 +410,16 @@ class _CallRun:
             await self._wait_for(lambda: not self.active_ids and self._drained(), cfg.turn_timeout_s)
             if self.ending:
                 break
-            if self.text_ws is not None and not self.text_ws.closed:
+            if cfg.stream_text and self.text_ws is not None and not self.text_ws.closed:
                 await self._turn_streamed(i, text)
             else:
                 await self._turn_posted(i, text)
+        await self._wait_for(self._drained, cfg.turn_timeout_s)
+        self._place_reply()
         await self._wait_cues()
         await self._wait_for(self._drained, cfg.turn_timeout_s)
+        if cfg.hold_s > 0:
+            await self._hold()
         await self._wait_for(lambda: False, cfg.linger_s)
         await self._end("network_drop" if cfg.drop_network else "simulator")
 
@@ -439,7 +444,9 @@ class _CallRun:
             async with self.http.post(url, data=params, headers=headers, timeout=REQUEST_TIMEOUT) as resp:
                 body, status = await resp.read(), resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # service down: a report, not a traceback
-            self.report.error = f"webhook {cfg.base_url}{cfg.webhook_path} unreachable: {exc}"
+            why = exc.os_error.strerror if isinstance(exc, aiohttp.ClientConnectorError) else str(exc) or type(exc).__name__
+            self.report.error = (f"no service answers at {cfg.base_url} ({why}): is `callbridge serve` "
+                                 "running on that address?")
             return None
         if status != 200:
             self.report.error = f"webhook answered HTTP {status}: {body[:200].decode(errors='replace')}"
@@ -456,6 +463,8 @@ class _CallRun:
             return None
         if twiml.rejected:
             self.report.rejected = True
+            self.report.refusal = twiml.refusal
+            self.report.refusal_said = twiml.said or None
             self.report.ended_by = "rejected"
             return None
         return twiml
@@ -506,7 +515,8 @@ class _CallRun:
                 break
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status not in (404, 409) or attempt == 19 or self.ending:
-                    self.report.service_errors.append(f"text socket refused: HTTP {exc.status}; using POST turns")
+                    then = "using POST turns" if self.cfg.stream_text else "turn states and heard words unknown"
+                    self.report.service_errors.append(f"text socket refused: HTTP {exc.status}; {then}")
                     return
                 await asyncio.sleep(0.1)
         if self.text_ws is not None:
@@ -537,6 +547,7 @@ class _CallRun:
         assert self.http is not None
         turn = TurnStats(index=index, kind="text", text=text, sent_t=self._now())
         self.turns.append(turn)  # before sending: audio that races the answer belongs to it
+        self.pending_ws_turn = turn  # its events may reach the text socket before the answer
         try:
             async with self.http.post(f"{self.cfg.base_url.rstrip('/')}/calls/{self.call_sid}/turns",
                                       json={"text": text, "interrupt": False}, headers=self._auth(),
@@ -554,10 +565,15 @@ class _CallRun:
             if isinstance(answer, dict) and isinstance(answer.get("turn_id"), str):
                 turn.turn_id = answer["turn_id"]
                 self.turns_by_id[turn.turn_id] = turn
+        if self.pending_ws_turn is turn:
+            self.pending_ws_turn = None
         if not await self._wait_for(lambda: turn.first_media_t is not None, self.cfg.turn_timeout_s):
             turn.timed_out = not self.ending
         await self._wait_for(self._quiet, self.cfg.turn_timeout_s)
-        turn.done_t = self._now()
+        if self.text_ws is not None and not self.text_ws.closed:  # its turn_done: state and heard words
+            await self._wait_for(lambda: turn.state is not None, self.cfg.turn_timeout_s)
+        if turn.done_t is None:
+            turn.done_t = self._now()
 
     async def _turn_streamed(self, index: int, text: str) -> None:
         """Stream the turn word by word; it is over at turn_done and a drained queue."""
@@ -584,10 +600,27 @@ class _CallRun:
         if turn.done_t is None:
             turn.done_t = self._now()
 
+    def _place_reply(self) -> None:
+        """A caller WAV without barge-in is the caller's reply: it starts now, the bot silent."""
+        if self.caller.start_chunk is None and self.started and not self.ending:
+            next_chunk = int((self._now() - self.t0) / CHUNK_S) + 1
+            self.caller = dataclasses.replace(self.caller, start_chunk=next_chunk)
+
+    async def _hold(self) -> None:
+        """Keep the call open ``hold_s`` for experiments by hand (curl); ends early if the call does."""
+        base = self.cfg.base_url.rstrip("/")
+        if self.cfg.announce is not None:
+            self.cfg.announce(
+                f"call {self.call_sid} is live for {self.cfg.hold_s:.0f} s; try: curl -X POST "
+                f"{base}/calls/{self.call_sid}/turns -H \"Authorization: Bearer $CALLBRIDGE_API_TOKEN\" "
+                "-H 'Content-Type: application/json' -d '{\"text\": \"Hello from curl.\"}'"
+            )
+        await self._wait_for(lambda: False, self.cfg.hold_s)
+
     async def _wait_cues(self) -> None:
-        """Hold the call until every dtmf cue and the caller's barge-in speech went out."""
+        """Hold the call until every dtmf cue and the caller's speech (barge-in or reply) went out."""
         last_s = max((at for at, _ in self.cfg.dtmf), default=-1.0)
-        if self.cfg.barge_in_at_s is not None:
+        if self.caller.audio:
             last_s = max(last_s, self.caller.end_s)
         if last_s >= 0:
             end_t = self.t0 + last_s + CUE_TAIL_S

@@ -53,17 +53,20 @@ def voiced_speech(duration_s: float, f0_hz: float = 140.0) -> bytes:
 
 @dataclass(frozen=True)
 class CallerTrack:
-    """The caller's side: ``audio`` (mu-law) starts at chunk ``start_chunk``, silence elsewhere.
+    """The caller's side: ``audio`` (mu-law) starts at chunk ``start_chunk``, silence elsewhere;
+    ``start_chunk`` None: not placed yet (a reply, placed once the bot has finished speaking).
 
     ``voice_chunk`` is the first chunk whose level passes about -40 dBFS (None if never): its
     send time is where barge-in timing starts.
     """
 
     audio: bytes = b""
-    start_chunk: int = 0
+    start_chunk: int | None = 0
 
     @property
     def voice_chunk(self) -> int | None:
+        if self.start_chunk is None:
+            return None
         for i in range(0, len(self.audio), CHUNK_BYTES):
             pcm = ulaw_decode(self.audio[i : i + CHUNK_BYTES]).astype(np.float64)
             if pcm.size and float(np.sqrt(np.mean(pcm**2))) > VOICE_RMS:
@@ -72,10 +75,15 @@ class CallerTrack:
 
     @property
     def end_s(self) -> float:
+        """When the caller's audio ends (seconds from start); -1 when it is not placed."""
+        if self.start_chunk is None:
+            return -1.0
         return self.start_chunk * CHUNK_S + len(self.audio) / SAMPLE_RATE
 
     def chunk(self, n: int) -> bytes:
         """The 160 bytes of chunk ``n`` (0-based)."""
+        if self.start_chunk is None:
+            return bytes([SILENCE_BYTE]) * CHUNK_BYTES
         offset = (n - self.start_chunk) * CHUNK_BYTES
         if offset < 0 or offset >= len(self.audio):
             return bytes([SILENCE_BYTE]) * CHUNK_BYTES
@@ -84,7 +92,9 @@ class CallerTrack:
 
 
 def _caller_track(cfg: SimConfig) -> CallerTrack:
+    """With ``barge_in_at_s``: the WAV (or generated speech) at that time, over the bot. A WAV
+    alone is the caller's reply: placed later, once the bot's last turn has played."""
     wav = load_caller_wav(cfg.caller_wav) if cfg.caller_wav is not None else b""
     if cfg.barge_in_at_s is not None:
         return CallerTrack(wav or voiced_speech(cfg.speech_s), round(cfg.barge_in_at_s / CHUNK_S))
-    return CallerTrack(wav, 0)
+    return CallerTrack(wav, None if wav else 0)

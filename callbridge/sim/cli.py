@@ -34,14 +34,23 @@ def _parse_query(value: str) -> tuple[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="callbridge simulate", description="Call a local callbridge as Twilio would.")
+    p = argparse.ArgumentParser(
+        prog="callbridge simulate", description="Call a local callbridge as Twilio would.",
+        epilog="Exit status: 0 when no call had an error, a protocol violation or a lost mark (calls with "
+               "underruns are reported, not counted clean), 1 otherwise, 2 for bad arguments.",
+    )
     p.add_argument("--base-url", required=True, help="where the service listens, e.g. http://127.0.0.1:8080")
-    p.add_argument("--public-base-url", help="the URL Twilio would use (signed over; default: --base-url)")
+    p.add_argument("--public-base-url", default=os.environ.get("CALLBRIDGE_PUBLIC_BASE_URL") or None,
+                   help="the URL Twilio would use: signatures are computed over it, nothing is sent to it "
+                        "(default: $CALLBRIDGE_PUBLIC_BASE_URL, as the service checks, else --base-url)")
     p.add_argument("--text", action="append", default=[], help="a turn to speak (repeatable)")
     p.add_argument("--stream-text", action="store_true", help="stream turns word by word over the text socket")
     p.add_argument("--word-delay-ms", type=float, default=50.0, help="pause between streamed words")
-    p.add_argument("--caller-wav", type=Path, help="caller audio (any WAV; converted to 8 kHz mu-law)")
-    p.add_argument("--barge-in-at", type=float, help="seconds after start to start talking over the bot")
+    p.add_argument("--caller-wav", type=Path,
+                   help="caller audio (any WAV; converted to 8 kHz mu-law): played as the caller's reply once the "
+                        "bot's last turn has played, or with --barge-in-at over the bot")
+    p.add_argument("--barge-in-at", type=float, metavar="S",
+                   help="S seconds after start the caller talks over the bot (the --caller-wav, else generated speech)")
     p.add_argument("--dtmf", type=_parse_dtmf, action="append", default=[], help="SECONDS:DIGIT (repeatable)")
     p.add_argument("--calls", type=int, default=1, help="concurrent calls")
     p.add_argument("--stagger-s", type=float, default=0.0, help="delay between call starts")
@@ -56,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", DEFAULT_ACCOUNT_SID))
     p.add_argument("--rest-port", type=int, help="also serve Twilio's REST hang-up on 127.0.0.1:PORT")
     p.add_argument("--drop-network", action="store_true", help="end by cutting the connection, no stop")
-    p.add_argument("--max-call-s", type=float, default=60.0)
+    p.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
+                   help="keep the call open this long after its turns, for curl experiments (prints the CallSid)")
+    p.add_argument("--max-call-s", type=float, default=None,
+                   help="hard bound on each call (default: 60 s plus --hold)")
     p.add_argument("--turn-timeout-s", type=float, default=30.0)
     p.add_argument("--out", type=Path, help="WAV of what the caller heard (heard-N.wav per call if several)")
     p.add_argument("--report", type=Path, help="JSON report")
@@ -84,10 +96,19 @@ def format_report(report: CallReport) -> str:
     """One human line per call, plus its protocol errors."""
     r = report
     head = f"call {r.index + 1} {r.call_sid}"
+    if r.rejected and r.refusal == "not_configured":
+        said = f" (it said {r.refusal_said!r})" if r.refusal_said else ""
+        return (f"{head}: not configured: the service answered and hung up{said}; check the voice "
+                "(?voice= / --query voice=...) and `callbridge voice list`")
     if r.rejected:
-        return f"{head}: rejected by the service (full)"
+        return f"{head}: rejected by the service: busy (it is full: calls.max_calls or TTS capacity)"
+    if r.stream_sid is None and r.error:
+        return f"{head}: failed: {r.error}"
+    interrupted = r.interrupted_turns
+    verdict = "clean" if r.clean else ("NOT clean: underruns" if r.ok else "NOT clean")
     lines = [
-        f"{head}: ended by {r.ended_by} after {r.duration_s:.1f} s; {r.ttfa_ms['n']} turns, "
+        f"{head}: {verdict}; ended by {r.ended_by} after {r.duration_s:.1f} s; {r.ttfa_ms['n']} turn(s)"
+        + (f" ({interrupted} interrupted)" if interrupted else "") + ", "
         f"ttfa p50 {_fmt(r.ttfa_ms['p50'])} ms (heard {_fmt(r.ttfa_heard_ms['p50'])} ms), "
         f"{r.chunks} chunks, underruns {r.underruns} (max gap {r.gaps_ms['max']:.0f} ms), "
         f"marks {r.marks_echoed}/{r.marks_sent}, lost/reordered {r.lost_or_reordered}, "
@@ -115,9 +136,10 @@ def main_simulate(argv: Sequence[str] | None = None) -> int:
             base_url=ns.base_url, public_base_url=ns.public_base_url, twilio_auth_token=ns.auth_token,
             account_sid=ns.account_sid, api_token=ns.api_token, texts=ns.text, stream_text=ns.stream_text,
             caller_wav=ns.caller_wav, barge_in_at_s=ns.barge_in_at, dtmf=ns.dtmf, calls=ns.calls,
-            max_call_s=ns.max_call_s, webhook_query=dict(ns.query), drop_network=ns.drop_network,
+            max_call_s=ns.max_call_s if ns.max_call_s is not None else 60.0 + ns.hold, webhook_query=dict(ns.query), drop_network=ns.drop_network,
             out_wav=ns.out, report_path=ns.report, allow_remote=ns.allow_remote, expect_greeting=ns.greeting,
             word_delay_s=ns.word_delay_ms / 1000.0, turn_timeout_s=ns.turn_timeout_s, stagger_s=ns.stagger_s,
+            hold_s=ns.hold, announce=lambda line: print(line, flush=True),
         )
     except SimulatorError as exc:
         print(f"callbridge simulate: {exc}", file=sys.stderr)
@@ -131,7 +153,9 @@ def main_simulate(argv: Sequence[str] | None = None) -> int:
         print(format_report(report))
     s = summarize_reports(reports)
     print(
-        f"{s['calls']} call(s) in {time.monotonic() - started:.1f} s: {s['ok']} clean, {s['rejected']} rejected; "
+        f"{s['calls']} call(s) in {time.monotonic() - started:.1f} s: {s['clean']} clean, "
+        f"{s['with_underruns']} with underruns, {s['failed']} failed, "
+        f"{s['rejected']} refused; {s['interrupted_turns']} turn(s) interrupted; "
         f"ttfa p50/p95 {_fmt(s['ttfa_ms']['p50'])}/{_fmt(s['ttfa_ms']['p95'])} ms; "
         f"underruns {s['underruns']}; lost/reordered {s['lost_or_reordered']}; "
         f"protocol errors {s['protocol_errors']}"
@@ -139,4 +163,4 @@ def main_simulate(argv: Sequence[str] | None = None) -> int:
     written = [r.wav_path for r in reports if r.wav_path] + ([str(cfg.report_path)] if cfg.report_path else [])
     if written:
         print("wrote " + ", ".join(written))
-    return 0 if all(r.ok for r in reports) else 1
+    return 0 if all(r.ok and r.refusal != "not_configured" for r in reports) else 1

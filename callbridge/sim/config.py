@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class SimConfig:
     api_token: str = ""
     texts: list[str] = field(default_factory=list)
     stream_text: bool = False
-    caller_wav: Path | None = None
+    caller_wav: Path | None = None  # played after the bot's last turn, or at barge_in_at_s over the bot
     barge_in_at_s: float | None = None
     dtmf: list[tuple[float, str]] = field(default_factory=list)
     calls: int = 1
@@ -57,6 +58,9 @@ class SimConfig:
     out_wav: Path | None = None
     report_path: Path | None = None
     allow_remote: bool = False
+    hold_s: float = 0.0  # keep the call open this long after its turns (for curl experiments)
+    # Told one line when a held call is live (its CallSid, how to reach it); None = nobody.
+    announce: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
     # The REST stand-in the calls register with (same as passing ``rest=`` to run_simulation).
     rest_server: FakeTwilioRest | None = field(default=None, compare=False, repr=False)
     # Finer knobs, with defaults that suit the real service.
@@ -91,6 +95,8 @@ class SimConfig:
         for at_s, digit in self.dtmf:
             if digit not in DTMF_DIGITS or at_s < 0:
                 raise SimulatorError(f"dtmf cue ({at_s}, {digit!r}): expected time >= 0 and one of 0-9 * #")
+        if not 0 <= self.hold_s < self.max_call_s:
+            raise SimulatorError(f"hold_s={self.hold_s}: expected 0 <= s < max_call_s ({self.max_call_s})")
         if self.barge_in_at_s is not None and self.barge_in_at_s < 0:
             raise SimulatorError(f"barge_in_at_s={self.barge_in_at_s}: expected >= 0")
 

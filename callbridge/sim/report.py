@@ -138,11 +138,23 @@ class CallReport:
     call_ended_event: bool = False
     error: str | None = None
     wav_path: str | None = None
+    refusal: str | None = None  # when rejected: "busy" (<Reject>) or "not_configured" (<Say>, <Hangup/>)
+    refusal_said: str | None = None  # what the service's <Say> told the caller
 
     @property
     def ok(self) -> bool:
         """No error, no protocol violation and no lost or reordered media or mark."""
         return self.error is None and not self.protocol_error_count and not self.lost_or_reordered
+
+    @property
+    def clean(self) -> bool:
+        """``ok`` and the caller heard every turn without a gap: no underrun."""
+        return self.ok and not self.underruns
+
+    @property
+    def interrupted_turns(self) -> int:
+        """Turns the service reports interrupted, or that a ``clear`` cut."""
+        return sum(1 for t in self.turns if t.get("state") == "interrupted" or t.get("interrupted") or t.get("cleared"))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +169,10 @@ def summarize_reports(reports: Sequence[CallReport]) -> dict[str, Any]:
     return {
         "calls": len(reports),
         "ok": sum(r.ok for r in reports),
+        "clean": sum(r.clean and not r.rejected for r in reports),
+        "with_underruns": sum(r.ok and not r.clean for r in reports),
+        "failed": sum(not r.ok for r in reports),
+        "interrupted_turns": sum(r.interrupted_turns for r in reports),
         "rejected": sum(r.rejected for r in reports),
         "errors": [f"{r.call_sid}: {r.error}" for r in reports if r.error],
         "ttfa_ms": stats,

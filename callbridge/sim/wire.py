@@ -24,10 +24,19 @@ class TwimlAnswer:
     parameters: dict[str, str]
     verbs: list[str]  # top-level verbs in order, e.g. ["Connect"] or ["Say", "Hangup"]
     one_way: bool  # <Start><Stream>: Twilio would never play our audio
+    said: str = ""  # the text of any <Say>: what the caller hears before a hang-up
 
     @property
     def rejected(self) -> bool:
         return self.stream_url is None and not self.one_way
+
+    @property
+    def refusal(self) -> str | None:
+        """Why no stream: "busy" for ``<Reject>`` (the service is full), "not_configured" for
+        ``<Say>…<Hangup/>`` (the service answered but cannot take this call: unknown voice)."""
+        if not self.rejected:
+            return None
+        return "busy" if "Reject" in self.verbs else "not_configured"
 
 
 def parse_twiml(body: bytes) -> TwimlAnswer:
@@ -45,7 +54,8 @@ def parse_twiml(body: bytes) -> TwimlAnswer:
         for p in stream.findall("Parameter"):
             params[p.get("name", "")] = p.get("value", "")
     url = stream.get("url") if stream is not None else None
-    return TwimlAnswer(stream_url=url, parameters=params, verbs=[c.tag for c in root], one_way=one_way)
+    said = " ".join((e.text or "").strip() for e in root.findall("Say")).strip()
+    return TwimlAnswer(stream_url=url, parameters=params, verbs=[c.tag for c in root], one_way=one_way, said=said)
 
 
 # ---------------------------------------------------------------- messages from the service

@@ -262,7 +262,13 @@ def _prepare_clip(
         say(f"{what}: {len(raw_words)} word timings from {words_path}")
     else:
         say(f"{what}: transcribing with whisper {whisper_model} (CPU)")
-        transcript = transcribe(prepared.pcm24k, whisper_model, language=language)
+        try:
+            transcript = transcribe(prepared.pcm24k, whisper_model, language=language)
+        except VoiceBuildError as exc:
+            if words_flag == "--words":
+                raise  # its message already names --words
+            raise VoiceBuildError(f"the {what} has no word timings and Whisper could not transcribe it: pass "
+                                  f"{words_flag} words.json (Whisper said: {exc})") from None
         raw_words = transcript.words
         words_source = "whisper"
         hint = (f"whisper ({whisper_model}) heard none in {prepared.duration_s:.1f} s; check that the clip holds "

@@ -29,10 +29,7 @@ WHISPER_RATE = 16000  # what openai-whisper's log-mel front end expects
 
 DEFAULT_WHISPER_MODEL = "base.en"
 DEFAULT_LANGUAGE = "en"
-WHISPER_INSTALL = (
-    "pip install --no-deps openai-whisper && pip install numba tiktoken more-itertools "
-    "(its triton dependency is ~1 GB and only used on CUDA)"
-)
+WHISPER_INSTALL = 'pip install "callbridge[voice]" (openai-whisper)'
 
 WORD_LATE_TOLERANCE_S = 0.5  # a word may end this far past the audio (rounding), no further
 

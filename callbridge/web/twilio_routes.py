@@ -63,8 +63,14 @@ def _check_twilio_signature(request: web.Request, url: str, params: dict[str, An
         return
     if not ok:
         services(request).metrics.rejected_total.labels(reason="bad_signature").inc()
-        log.warning("rejected %s %s: %s Twilio signature", request.method, _route_of(request),
-                    "missing" if not signature else "invalid")
+        # The URL as checked, less its query and with a stream path's one-time token hidden.
+        token = request.match_info.get("token")
+        checked = url.split("?")[0].replace(token, "{token}") if token else url.split("?")[0]
+        hint = ("CALLBRIDGE_PUBLIC_BASE_URL is not set: set it to the https:// URL Twilio calls"
+                if not services(request).settings.server.public_base_url else
+                "it must be the URL Twilio called, and TWILIO_AUTH_TOKEN this account's")
+        log.warning("rejected %s %s: %s Twilio signature, checked against %s (%s)", request.method,
+                    _route_of(request), "missing" if not signature else "invalid", checked, hint)
         raise web.HTTPForbidden(text="invalid Twilio signature")
 
 

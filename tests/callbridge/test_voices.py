@@ -296,8 +296,22 @@ def test_whisper_hearing_no_words_is_a_clear_error(tmp_path: Path, monkeypatch: 
 
 def test_missing_whisper_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "whisper", None)  # makes `import whisper` fail
-    with pytest.raises(VoiceBuildError, match=r"pip install --no-deps openai-whisper .*numba tiktoken more-itertools"):
+    with pytest.raises(VoiceBuildError, match=r'pip install "callbridge\[voice\]"'):
         load_whisper("base.en")
+
+
+def test_s2_clip_without_words_and_no_whisper_names_s2_words(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The S1 words came from --words; the S2 clip had none and Whisper could not run: the error
+    named only --words, which the user had already given."""
+    monkeypatch.setitem(sys.modules, "whisper", None)
+    rc, _, err = run_cli(["build", "amy", "--audio", str(inputs["audio"]), "--words", str(inputs["words"]),
+                          "--s2-audio", str(inputs["s2"]), "--model", "/nonexistent-never-loaded",
+                          "--voices-dir", str(tmp_path / "voices")], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "the S2 clip has no word timings" in errors[0] and "pass --s2-words words.json" in errors[0]
 
 
 def test_named_whisper_model_offline_names_the_flag_and_the_file(
