@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", prog="callbridge voice build", help="build a voice folder from a recording (or rebuild all for a new model)")
     build.add_argument("name", nargs="?", help="the voice name (a folder under the voices dir)")
-    build.add_argument("--audio", type=Path, help="the S1 recording: 3-30 s of the voice to clone (WAV, FLAC, OGG, MP3)")
+    build.add_argument("--audio", type=Path, help="the S1 recording of the voice to clone: record 5-20 s of one speaker (3-30 s accepted; "
+                       "WAV, FLAC, OGG, MP3)")
     build.add_argument("--words", type=Path, help='word timings JSON [{"word", "start", "end"}] in seconds; '
                        "skips transcription")
     build.add_argument("--whisper-model", default=DEFAULT_WHISPER_MODEL,

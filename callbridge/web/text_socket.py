@@ -47,9 +47,13 @@ async def call_text_socket(request: web.Request) -> web.WebSocketResponse:
                 continue
             try:
                 data = msg.json()
-                kind = data.get("type") if isinstance(data, dict) else None
             except ValueError:
-                kind, data = None, {}
+                data = None
+            if not isinstance(data, dict):
+                await ws.send_json({"event": "error", "status": 400, "message": "not a JSON object: send e.g. "
+                                    '{"type": "text", "text": "Hello"}'})
+                continue
+            kind = data.get("type")
             try:
                 if kind == "text":
                     text = data.get("text")
