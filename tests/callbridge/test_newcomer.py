@@ -219,3 +219,20 @@ def test_demo_and_serve_help_describe_every_option() -> None:
     for name in ("demo", "serve"):
         for action in commands[name]._actions:
             assert action.help, f"callbridge {name} {action.option_strings}: no help"
+
+
+async def test_text_socket_answers_a_non_json_message_as_such(tiny_runtime, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """It used to answer "unknown message type None"."""
+    from .test_hardening import raw_call, running, until
+
+    async with running(tiny_runtime, tmp_path) as service, raw_call(service, 1100) as call:
+        await call.text_socket()
+        assert call.text_ws is not None
+        await call.text_ws.send_str("hello there")  # not JSON
+        await call.text_ws.send_str("[1, 2]")  # JSON, not an object
+        await call.say(type="ping")
+        await until(lambda: any(e.get("event") == "pong" for e in call.events), "pong")
+        errors = call.errors()
+        assert len(errors) == 2, errors
+        assert all("not a JSON object" in e["message"] and e["status"] == 400 for e in errors)
+        assert not any("unknown message type" in e["message"] for e in errors)

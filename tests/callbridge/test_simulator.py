@@ -11,6 +11,7 @@ import asyncio
 import base64
 import itertools
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from callbridge.sim import (
     PlayoutQueue,
     SimConfig,
     SimulatorError,
+    format_report,
     main_simulate,
     run_simulation,
     simulate_call,
@@ -58,6 +60,7 @@ class Script:
     barge_in: bool = False  # send clear when the caller gets loud
     hang_up_rest_url: str | None = None  # hang up through Twilio's REST API after the first turn
     reject: bool = False
+    unconfigured: bool = False  # answer <Say>…<Hangup/> as callbridge does for an unknown voice
 
 
 @dataclass
@@ -123,6 +126,9 @@ class FakeService:
         self.webhook_forms.append(form)
         if self.script.reject:
             return web.Response(text="<Response><Reject/></Response>", content_type="text/xml")
+        if self.script.unconfigured:
+            body = "<Response><Say>Sorry, this line is not configured correctly.</Say><Hangup/></Response>"
+            return web.Response(text=body, content_type="text/xml")
         token = f"tok{next(self._ids)}"
         self.tokens[token] = form["CallSid"]
         self.calls[form["CallSid"]] = FakeCall(form["CallSid"], greeting=request.query.get("greeting", ""))
@@ -534,3 +540,121 @@ async def test_cli_places_a_call_and_writes_the_report(start_fake, tmp_path: Pat
     doc = json.loads((tmp_path / "report.json").read_text())
     assert doc["calls"][0]["chunks"] == 3 and (tmp_path / "heard.wav").is_file()
     assert main_simulate(["--base-url", "http://192.0.2.1:80", "--text", "x"]) == 2
+
+
+# ------------------------------------------------------------------ the newcomer's path (issue 11)
+
+
+async def test_posted_turns_report_state_and_heard_words_from_the_text_socket(start_fake) -> None:
+    """In HTTP mode the report's turns had no state and no heard words: the simulator now listens
+    on the call's text socket for turn_done, as it does when streaming."""
+    fake = await start_fake(Script(chunks_per_turn=3))
+    report = await simulate_call(sim_config(fake.base_url, texts=["One.", "Two."]), 0)
+    call = fake.only_call()
+    assert report.error is None and report.clean
+    assert [t["state"] for t in report.turns] == ["done", "done"]
+    assert [t["heard"] for t in report.turns] == [call.marks_sent[:3], call.marks_sent[3:]]
+    ids = [t["turn_id"] for t in report.turns]
+    assert len(set(ids)) == 2 and all(i.startswith("t") for i in ids)
+
+
+async def test_hold_keeps_the_call_open_for_a_turn_sent_by_hand(start_fake) -> None:
+    fake = await start_fake(Script(chunks_per_turn=4))
+    announced: list[str] = []
+    by_hand: list[asyncio.Task[None]] = []
+
+    async def curl(call_sid: str) -> None:  # what a developer does with the printed CallSid
+        async with aiohttp.ClientSession() as http, http.post(
+            f"{fake.base_url}/calls/{call_sid}/turns", json={"text": "By hand."},
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+        ) as resp:
+            assert resp.status == 202
+
+    def announce(line: str) -> None:
+        announced.append(line)
+        by_hand.append(asyncio.get_running_loop().create_task(curl(line.split()[1])))
+
+    cfg = sim_config(fake.base_url, texts=["Scripted."], hold_s=2.0, announce=announce)
+    report = await simulate_call(cfg, 0)
+    await asyncio.gather(*by_hand)
+    assert len(announced) == 1 and report.call_sid in announced[0] and "/turns" in announced[0]
+    assert report.chunks == 8 and report.marks_echoed == 8  # the scripted turn and the one by hand
+    assert report.ended_by == "simulator" and report.error is None
+    with pytest.raises(SimulatorError, match="hold_s"):
+        sim_config(fake.base_url, hold_s=10.0, max_call_s=10.0)
+
+
+async def test_caller_wav_without_barge_in_is_a_reply_after_the_bot(start_fake, tmp_path: Path) -> None:
+    """--caller-wav alone used to start at 0 s, over the greeting: a barge-in at once. Now the
+    caller's audio starts once the bot's last turn has played (every mark echoed)."""
+    fake = await start_fake(Script(greeting=True, chunks_per_turn=30, lead_chunks=30))
+    wav = tmp_path / "caller.wav"
+    t = np.arange(8000) / 8000
+    sf.write(str(wav), (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 8000)
+    cfg = sim_config(fake.base_url, texts=["Please answer after me."], caller_wav=wav,
+                     webhook_query={"greeting": "Hi"})
+    report = await simulate_call(cfg, 0)
+    call = fake.only_call()
+
+    def loud(m: dict[str, Any]) -> bool:
+        pcm = ulaw_decode(base64.b64decode(m["media"]["payload"])).astype(np.float64)
+        return m["event"] == "media" and float(np.sqrt(np.mean(pcm**2))) > 1000
+
+    media = [i for i, m in enumerate(call.received) if m["event"] == "media"]
+    loud_at = [i for i in media if loud(call.received[i])]
+    last_echo = max(i for i, m in enumerate(call.received) if m["event"] == "mark")
+    assert len(loud_at) >= 45  # the caller's second of audio went out (50 chunks, fades aside)
+    assert loud_at[0] > last_echo  # after the last of the bot's audio was played
+    assert report.error is None and report.audio_ms_cleared == 0 and len(call.echoes) == 60
+
+
+async def test_summary_line_says_a_turn_was_interrupted(start_fake) -> None:
+    fake = await start_fake(Script(chunks_per_turn=150, lead_chunks=150, barge_in=True))
+    cfg = sim_config(fake.base_url, texts=["Talk over me."], barge_in_at_s=0.3, speech_s=0.4)
+    report = await simulate_call(cfg, 0)
+    assert report.interrupted_turns == 1
+    assert "(1 interrupted)" in format_report(report)
+
+
+async def test_unknown_voice_is_not_configured_not_full_and_a_dead_service_is_said_plainly(start_fake) -> None:
+    fake = await start_fake(Script(unconfigured=True))
+    report = await simulate_call(sim_config(fake.base_url, texts=["Hi."], webhook_query={"voice": "nobody"}), 0)
+    assert report.rejected and report.refusal == "not_configured"
+    line = format_report(report)
+    assert "not configured" in line and "full" not in line and "not configured correctly" in line
+
+    busy = await start_fake(Script(reject=True))
+    report = await simulate_call(sim_config(busy.base_url, texts=["Hi."]), 0)
+    assert report.refusal == "busy" and "busy" in format_report(report)
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    report = await simulate_call(sim_config(dead, texts=["Hi."]), 0)
+    line = format_report(report)
+    assert f"failed: no service answers at {dead}" in line and "callbridge serve" in line
+    assert "\n" not in line and "None" not in line
+
+
+def test_a_call_with_underruns_is_not_called_clean() -> None:
+    report = CallReport(call_sid="CA" + "0" * 32, index=0, underruns=2, stream_sid="MZ1")
+    assert report.ok and not report.clean
+    assert "NOT clean: underruns" in format_report(report)
+    assert "clean;" in format_report(CallReport(call_sid="CA" + "0" * 32, index=0, stream_sid="MZ1"))
+
+
+async def test_cli_signs_over_callbridge_public_base_url_as_the_service_checks(
+    start_fake, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's simulator command right after the set-up steps: the service checks signatures
+    against CALLBRIDGE_PUBLIC_BASE_URL, so the simulator must sign over it (it signed over
+    --base-url and got 403)."""
+    fake = await start_fake(Script(chunks_per_turn=2))
+    monkeypatch.setenv("CALLBRIDGE_PUBLIC_BASE_URL", PUBLIC)
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("CALLBRIDGE_API_TOKEN", API_TOKEN)
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+    args = ["--base-url", fake.base_url, "--text", "Hello."]
+    assert await asyncio.to_thread(main_simulate, args) == 0
+    out = capsys.readouterr().out
+    assert "1 clean" in out or "1 with underruns" in out
