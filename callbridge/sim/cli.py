@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Twilio auth token to sign with (env TWILIO_AUTH_TOKEN)")
     p.add_argument("--api-token", default=os.environ.get("CALLBRIDGE_API_TOKEN", ""),
                    help="control API bearer token (env CALLBRIDGE_API_TOKEN)")
-    p.add_argument("--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", DEFAULT_ACCOUNT_SID))
+    p.add_argument("--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID") or DEFAULT_ACCOUNT_SID,
+                   help="the account the calls come from (env TWILIO_ACCOUNT_SID)")
     p.add_argument("--rest-port", type=int, help="also serve Twilio's REST hang-up on 127.0.0.1:PORT")
     p.add_argument("--drop-network", action="store_true", help="end by cutting the connection, no stop")
     p.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
