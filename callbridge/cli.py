@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="callbridge", description="A phone line in one cloned voice (Dia2 + Twilio)",
         epilog="--log-level may come before or after the command. `callbridge COMMAND --help` for each command.",
     )
-    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper,
-                        help="log verbosity (default INFO)")
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, type=str.upper,
+                        help="log verbosity (default INFO; WARNING for demo and simulate, to keep them short)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = "TOML config (default: $CALLBRIDGE_CONFIG, else config/callbridge.toml in a source checkout, else the built-in defaults)"
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(level or "INFO")
         return main_voice(argv[1:])
     args = build_parser().parse_args(argv if level is None else ["--log-level", level, *argv])
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level or ("WARNING" if args.command == "demo" else "INFO"))
     try:
         return int(args.func(args))
     except (SettingsError, VoiceError, Dia2Error) as exc:

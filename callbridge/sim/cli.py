@@ -108,7 +108,7 @@ def format_report(report: CallReport) -> str:
     interrupted = r.interrupted_turns
     verdict = "clean" if r.clean else ("NOT clean: underruns" if r.ok else "NOT clean")
     lines = [
-        f"{head}: {verdict}; ended by {r.ended_by} after {r.duration_s:.1f} s; {r.ttfa_ms['n']} turn(s)"
+        f"{head}: {verdict}; ended by {r.ended_by} after {r.duration_s:.1f} s; {r.ttfa_ms['n']} text turn(s)"
         + (f" ({interrupted} interrupted)" if interrupted else "") + ", "
         f"ttfa p50 {_fmt(r.ttfa_ms['p50'])} ms (heard {_fmt(r.ttfa_heard_ms['p50'])} ms), "
         f"{r.chunks} chunks, underruns {r.underruns} (max gap {r.gaps_ms['max']:.0f} ms), "
