@@ -450,6 +450,10 @@ class _CallRun:
             return None
         if status != 200:
             self.report.error = f"webhook answered HTTP {status}: {body[:200].decode(errors='replace')}"
+            if status == 403:  # the one a newcomer meets: signed over another URL or with another token
+                self.report.error += (f" (signed over {cfg.public_base}{path}: the service checks its "
+                                      "CALLBRIDGE_PUBLIC_BASE_URL and TWILIO_AUTH_TOKEN; use the same values, "
+                                      "or --public-base-url / --auth-token)")
             return None
         try:
             twiml = parse_twiml(body)
