@@ -8,6 +8,7 @@ import logging
 import shutil
 import socket
 import tomllib
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,6 +21,20 @@ from dia2 import VoiceSnapshot, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 RANDOM_MARKER = "random_weights.json"  # what makes a checkpoint folder "random" (dia2.random_checkpoint)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """``main`` sets up logging for a process (root handler on the test's captured stderr, levels):
+    put it back so later tests log as before."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in ("twilio",)}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in quiet.items():
+        logging.getLogger(name).setLevel(old)
 
 
 @pytest.fixture
@@ -236,3 +251,34 @@ async def test_text_socket_answers_a_non_json_message_as_such(tiny_runtime, tmp_
         assert len(errors) == 2, errors
         assert all("not a JSON object" in e["message"] and e["status"] == 400 for e in errors)
         assert not any("unknown message type" in e["message"] for e in errors)
+
+
+def _options(parser: argparse.ArgumentParser, *path: str) -> set[str]:
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def test_every_option_the_readme_shows_exists() -> None:
+    """README commands must work as written: each --flag shown after a callbridge command is one
+    that command takes."""
+    import re
+
+    from callbridge.sim.cli import _parser as simulate_parser
+    from callbridge.voices.cli import build_parser as voice_parser
+
+    known = {
+        "simulate": {s for a in simulate_parser()._actions for s in a.option_strings},
+        "voice build": _options(voice_parser(), "build"),
+        "serve": _options(build_parser(), "serve") | {"--log-level"},
+        "demo": _options(build_parser(), "demo") | {"--log-level"},
+    }
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    checked = 0
+    for command, options in known.items():
+        for line in re.findall(rf"callbridge {command}\b([^\n`#]*)", readme):
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line):
+                assert flag in options, f"README: callbridge {command} {flag}"
+                checked += 1
+    assert checked >= 15
