@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from dia2 import Dia2, is_random_checkpoint, write_random_checkpoint
+from dia2 import Dia2, is_random_checkpoint, resolve_random_model
 
 from .config import Settings, SettingsError, default_cache_dir
 from .voices import VoiceRegistry
@@ -51,7 +51,8 @@ def public_url_warning(settings: Settings) -> str | None:
 
 
 def resolve_model(settings: Settings, say: Callable[[str], None]) -> str:
-    """The model source to load; ``random-tiny`` becomes a checkpoint in the cache folder."""
+    """The model source to load; ``random-tiny`` becomes a checkpoint in the cache folder,
+    written on first use (dia2 writes it; we choose where)."""
     source = settings.model.model
     if source != RANDOM_TINY:
         return source
@@ -59,14 +60,11 @@ def resolve_model(settings: Settings, say: Callable[[str], None]) -> str:
     folder = random_tiny_dir(settings)
     if (folder / "config.json").exists():
         say(f"random tiny checkpoint: {folder}")
-    else:
-        say(f"writing a tiny random checkpoint to {folder} (cache folder: model.cache_dir / CALLBRIDGE_CACHE_DIR)")
-        try:
-            write_random_checkpoint(folder, "tiny", seed=0)
-        except OSError as exc:
-            raise SettingsError(f"cannot write the random tiny checkpoint to {folder} ({exc.strerror}): "
-                                "set CALLBRIDGE_CACHE_DIR to a writable folder") from None
-    return str(folder)
+    try:
+        return resolve_random_model(source, folder, say=say)
+    except OSError as exc:
+        raise SettingsError(f"cannot write the random tiny checkpoint to {folder} ({exc.strerror or exc}): "
+                            "set CALLBRIDGE_CACHE_DIR to a writable folder") from None
 
 
 def random_tiny_dir(settings: Settings) -> Path:
