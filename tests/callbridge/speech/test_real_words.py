@@ -97,6 +97,18 @@ def test_openai_whisper_on_the_converted_weights_transcribes_the_fixture(openai:
     assert fixture_wer([o.text for o in outs]) <= MAX_WER, [o.text for o in outs]
 
 
+def test_openai_whisper_word_timestamps_on_real_speech(openai: Transcriber) -> None:
+    stopped = utterances()[0]
+    openai.options = DecodeOptions(word_timestamps=True)
+    try:
+        out = transcribe(openai, stopped)
+    finally:
+        openai.options = DecodeOptions(word_timestamps=False)
+    assert [w.word for w in out.words][-2:] == ["phone", "bridge."]
+    assert all(0.0 <= w.start <= w.end <= stopped.audio_ms / 1000 + 0.05 for w in out.words)
+    assert [w.start for w in out.words] == sorted(w.start for w in out.words)
+
+
 @pytest.mark.parametrize("backend", ["faster", "openai"])
 def test_noise_and_silence_sent_straight_to_the_model_are_dropped(backend: str, request: pytest.FixtureRequest) -> None:
     """Even bypassing the VAD, the guards leave nothing of silence and line noise."""

