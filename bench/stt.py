@@ -14,7 +14,9 @@ Figures per backend:
   is one call's latency, not a load test;
 - ``stt_ms``: the transcriber's own time (resampling, decoding, alignment);
 - ``wer``: word error rate over the fixture (a check that both heard the same words);
-- ``load_s``: model load time. One warm-up round per backend is dropped.
+- ``load_s``: model load time. One warm-up round per backend is dropped; timed rounds
+  alternate between the backends (one transcribing at a time), so other jobs' load falls on
+  both alike. ``load_average`` (before, after) says how busy the machine was.
 
     python bench/stt.py [--quick] [--rounds N] [--backends faster-whisper,openai-whisper]
                         [--no-words] [--cpu-threads N] [--device cpu|cuda] [--json PATH]
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -100,20 +103,17 @@ def dist(values: list[float]) -> dict[str, float | int | None]:
             "max": round(float(a.max()), 1)}
 
 
-async def bench_backend(backend: str, args: argparse.Namespace, pcm: np.ndarray, refs: list[str]) -> dict[str, Any]:
+async def start_worker(backend: str, args: argparse.Namespace) -> tuple[SpeechWorker, float]:
     t0 = time.perf_counter()
     worker = SpeechWorker(lambda: build(backend, args.device, args.cpu_threads, not args.no_words))
     worker.start()
     if not await asyncio.to_thread(worker.wait_ready, 600) or worker.transcriber is None:
-        raise SystemExit(f"{backend}: {worker.load_error or 'model did not load'}")
-    load_s = time.perf_counter() - t0
-    try:
-        await one_round(worker, pcm)  # warm-up: first-call allocations, numba JIT for word timing
-        events: list[dict[str, Any]] = []
-        for _ in range(args.rounds):
-            events += await one_round(worker, pcm)
-    finally:
         worker.stop()
+        raise SystemExit(f"{backend}: {worker.load_error or 'model did not load'}")
+    return worker, time.perf_counter() - t0
+
+
+def figures(events: list[dict[str, Any]], refs: list[str], load_s: float) -> dict[str, Any]:
     finals = [e for e in events if e["event"] == "caller_transcript"]
     texts = [e["text"] for e in finals[: len(refs)]]
     errors = sum(word_errors(normalise(r), normalise(h)) for r, h in zip(refs, texts))
@@ -159,10 +159,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     pcm = ulaw_to_pcm16((FIXTURE / "phone_speech.ulaw").read_bytes())
     refs = [u["text"] for u in json.loads((FIXTURE / "phone_speech.json").read_text())["utterances"]]
-    results = {}
-    for backend in args.backends.split(","):  # one at a time: they must not share the cores
-        print(f"==> {backend}", file=sys.stderr, flush=True)
-        results[backend] = await bench_backend(backend, args, pcm, refs)
+    backends = args.backends.split(",")
+    workers: dict[str, tuple[SpeechWorker, float]] = {}
+    events: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+    load_before = os.getloadavg()[0]
+    try:
+        for backend in backends:
+            print(f"==> loading {backend}", file=sys.stderr, flush=True)
+            workers[backend] = await start_worker(backend, args)
+            await one_round(workers[backend][0], pcm)  # warm-up: first allocations, numba JIT for word timing
+        # Rounds alternate between the backends, so load from other jobs drifting over the run
+        # falls on both alike; only one transcribes at a time.
+        for rnd in range(args.rounds):
+            for backend in backends:
+                print(f"==> round {rnd + 1}/{args.rounds} {backend}", file=sys.stderr, flush=True)
+                events[backend] += await one_round(workers[backend][0], pcm)
+    finally:
+        for worker, _ in workers.values():
+            worker.stop()
+    results = {b: figures(events[b], refs, workers[b][1]) for b in backends}
     return {
         "device": args.device if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "torch_threads": torch.get_num_threads(),
@@ -171,6 +186,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "word_timestamps": not args.no_words,
         "utterances": len(refs),
         "rounds": args.rounds,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min, before and after
         "commit": git_commit(),
         "results": results,
     }
