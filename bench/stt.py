@@ -14,12 +14,14 @@ Figures per backend:
   is one call's latency, not a load test;
 - ``stt_ms``: the transcriber's own time (resampling, decoding, alignment);
 - ``wer``: word error rate over the fixture (a check that both heard the same words);
+- ``tts_step_ms``: TTS step times of the tiny random Dia2 (one stream) alone and while each
+  backend decodes nonstop on another thread (``--tts-steps``; off in ``--quick``);
 - ``load_s``: model load time. One warm-up round per backend is dropped; timed rounds
   alternate between the backends (one transcribing at a time), so other jobs' load falls on
   both alike. ``load_average`` (before, after) says how busy the machine was.
 
     python bench/stt.py [--quick] [--rounds N] [--backends faster-whisper,openai-whisper]
-                        [--no-words] [--cpu-threads N] [--device cpu|cuda] [--json PATH]
+                        [--no-words] [--cpu-threads N] [--device cpu|cuda] [--tts-steps N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,50 @@ def figures(events: list[dict[str, Any]], refs: list[str], load_s: float) -> dic
     }
 
 
+def tts_steps_beside_stt(workers: dict[str, tuple[SpeechWorker, float]], pcm: np.ndarray,
+                         steps: int) -> dict[str, dict[str, float | int | None]]:
+    """TTS step times (tiny random Dia2, one stream, eager) alone, then while each backend decodes
+    without pause on its own thread: what a busy transcriber costs the TTS on these cores."""
+    from step import load, time_batch
+
+    from callbridge.speech.worker import to_stt_audio
+    from dia2.engine import StepEngine
+
+    model, rules, tokenizer = load("tiny", "cpu")
+    engine = StepEngine(model, rules, max_streams=1, use_cuda_graphs=False)
+    audio = to_stt_audio(pcm[: 4 * 8000], 8000)  # about one utterance
+
+    def clock() -> float:
+        return time.perf_counter()
+
+    def busy(t: Transcriber, stop: threading.Event, started: threading.Event) -> None:
+        while not stop.is_set():
+            started.set()
+            t.decode(audio)
+
+    # Conditions alternate in blocks, so load from other jobs drifting over the run falls on all.
+    times: dict[str, list[float]] = {"none": [], **{b: [] for b in workers}}
+    blocks = 3
+    for _ in range(blocks):
+        for name in times:
+            if name == "none":
+                times[name] += time_batch(engine, tokenizer, 1, 5, steps // blocks, clock)
+                continue
+            transcriber = workers[name][0].transcriber
+            assert transcriber is not None
+            stop, started = threading.Event(), threading.Event()
+            # The worker thread is idle between rounds; this thread stands in for it, decoding nonstop.
+            thread = threading.Thread(target=busy, args=(transcriber, stop, started), name=f"stt-busy-{name}")
+            thread.start()
+            started.wait()
+            try:
+                times[name] += time_batch(engine, tokenizer, 1, 5, steps // blocks, clock)
+            finally:
+                stop.set()
+                thread.join()
+    return {name: dist(t) for name, t in times.items()}
+
+
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['model']} on {report['device']}, {report['utterances']} utterances x {report['rounds']} rounds, "
           f"word timestamps {'on' if report['word_timestamps'] else 'off'}")
@@ -136,6 +183,12 @@ def print_table(report: dict[str, Any]) -> None:
     for name, r in report["results"].items():
         e, s = r["eos_to_final_ms"], r["stt_ms"]
         print(f"| {name} | {e['p50']} | {e['p95']} | {s['p50']} | {s['p95']} | {r['wer']} | {r['load_s']} |")
+    if report.get("tts_step_ms"):
+        print("\nTTS step (tiny random Dia2, 1 stream) while the transcriber decodes nonstop:")
+        print("| transcriber busy | step p50 ms | p95 ms | max ms |")
+        print("| --- | --- | --- | --- |")
+        for name, d in report["tts_step_ms"].items():
+            print(f"| {name} | {d['p50']} | {d['p95']} | {d['max']} |")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,10 +199,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-words", action="store_true", help="skip word timestamps (the alignment pass)")
     p.add_argument("--cpu-threads", type=int, default=2, help="faster-whisper threads (torch uses its own setting)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--tts-steps", type=int, default=300,
+                   help="TTS steps timed alone and beside each busy transcriber (0: skip; --quick: 0)")
     p.add_argument("--json", type=Path, help="write the report here")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds = 1
+        args.tts_steps = 0
     unknown = set(args.backends.split(",")) - set(BACKENDS)
     if unknown:
         p.error(f"unknown backend(s) {sorted(unknown)}; use {','.join(BACKENDS)}")
@@ -174,6 +230,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             for backend in backends:
                 print(f"==> round {rnd + 1}/{args.rounds} {backend}", file=sys.stderr, flush=True)
                 events[backend] += await one_round(workers[backend][0], pcm)
+        tts_step_ms = tts_steps_beside_stt(workers, pcm, args.tts_steps) if args.tts_steps else {}
     finally:
         for worker, _ in workers.values():
             worker.stop()
@@ -189,6 +246,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # 1-min, before and after
         "commit": git_commit(),
         "results": results,
+        "tts_step_ms": tts_step_ms,  # by which transcriber was busy ("none": alone)
     }
 
 
