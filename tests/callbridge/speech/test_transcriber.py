@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from callbridge.speech import Guards, Segment, Transcript, Word
+from callbridge.speech import DecodeOptions, Guards, Segment, Transcript, Word
 from callbridge.speech.ct2_convert import convert_ct2_to_openai, read_ct2_model
 from callbridge.speech.transcriber import DropReason, apply_guards
 from callbridge.speech.wer import normalise, number_words, wer
@@ -189,3 +191,58 @@ def test_converter_refuses_a_key_bias(tmp_path: Path) -> None:
     _write_ct2(tmp_path / "ct2" / "model.bin", v)
     with pytest.raises(ValueError, match="key has a non-zero bias"):
         convert_ct2_to_openai(tmp_path / "ct2", tmp_path / "model.pt")
+
+
+# ------------------------------------------------------------------------------------ decode rules
+
+
+class _Recorder:
+    """Stands in for a backend's model/module: records the keyword arguments of the decode call."""
+
+    def __init__(self, result: Any) -> None:
+        self.kwargs: dict[str, Any] = {}
+        self.result = result
+
+    def transcribe(self, *args: Any, **kwargs: Any) -> Any:
+        self.kwargs = kwargs
+        return self.result
+
+
+def test_faster_whisper_decodes_at_temperature_0_alone_with_its_own_filters_off() -> None:
+    pytest.importorskip("faster_whisper")
+    from callbridge.speech.faster_backend import FasterWhisper
+
+    backend = FasterWhisper.__new__(FasterWhisper)  # no model load: the decode call is what is checked
+    backend.options = DecodeOptions(beam_size=1, word_timestamps=True)
+    seg = SimpleNamespace(text=" Hi.", start=0.0, end=0.5, no_speech_prob=0.1, avg_logprob=-0.2,
+                          compression_ratio=1.0, words=[SimpleNamespace(word=" Hi.", start=0.0, end=0.4,
+                                                                        probability=float("nan"))])
+    backend.model = rec = _Recorder((iter([seg]), None))
+    (out,) = backend.decode(np.zeros(16000, dtype=np.float32))
+    assert out.words == (Word("Hi.", 0.0, 0.4, 0.0),)  # a NaN probability never reaches JSON
+    kw = rec.kwargs
+    assert kw["temperature"] == 0.0 and isinstance(kw["temperature"], float)  # no fallback list
+    assert kw["condition_on_previous_text"] is False and kw["vad_filter"] is False
+    assert kw["no_speech_threshold"] is None and kw["log_prob_threshold"] is None
+    assert kw["compression_ratio_threshold"] is None and kw["language"] == "en" and kw["beam_size"] == 1
+
+
+def test_openai_whisper_decodes_at_temperature_0_alone_with_its_own_filters_off() -> None:
+    pytest.importorskip("whisper")
+    from callbridge.speech.openai_backend import OpenAIWhisper
+
+    backend = OpenAIWhisper.__new__(OpenAIWhisper)
+    backend.options = DecodeOptions(word_timestamps=False)
+    backend.device = "cpu"
+    backend.model = SimpleNamespace(is_multilingual=False)
+    result = {"segments": [{"text": " Hi.", "start": 0.0, "end": 0.5, "no_speech_prob": 0.1,
+                            "avg_logprob": float("nan"), "compression_ratio": 1.0}]}
+    rec = _Recorder(result)
+    backend._whisper = SimpleNamespace(transcribe=lambda model, audio, **kw: rec.transcribe(**kw))
+    (out,) = backend.decode(np.zeros(16000, dtype=np.float32))
+    assert out.avg_logprob == float("-inf")  # NaN: dropped by the guards, never emitted
+    kw = rec.kwargs
+    assert kw["temperature"] == 0.0 and isinstance(kw["temperature"], float)
+    assert kw["condition_on_previous_text"] is False and kw["fp16"] is False
+    assert kw["no_speech_threshold"] is None and kw["logprob_threshold"] is None
+    assert kw["compression_ratio_threshold"] is None and kw["language"] == "en" and "beam_size" not in kw
