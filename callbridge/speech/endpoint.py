@@ -144,7 +144,8 @@ class Endpointer:
         ``during_bot`` of an utterance that starts within this piece).
         """
         events: list[SpeechEvent] = []
-        for frame, voiced in self._frames.feed(pcm16):
+        for view, voiced in self._frames.feed(pcm16):
+            frame = view.copy()  # kept for up to max_utterance_s: never a view of the caller's buffer
             if self.state is EndpointState.IDLE:
                 self._idle_frame(frame, voiced, bot_audible, events)
             else:

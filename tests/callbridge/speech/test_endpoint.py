@@ -167,3 +167,16 @@ def test_reset_forgets_an_utterance_in_progress() -> None:
 def test_bad_config_is_refused_with_the_key(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         EndpointerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_utterance_audio_does_not_change_when_the_caller_buffer_is_reused() -> None:
+    """A carrier may decode into one reused buffer: the endpointer keeps its own copy."""
+    pcm = np.concatenate([silence(0.4), speechlike(1.0), silence(0.8)])
+    expected = utterances(run(Endpointer(), pcm.copy()))[0][1].audio
+    ep, events, buf = Endpointer(), [], np.zeros(FRAME, dtype=np.int16)
+    for start in range(0, pcm.size, FRAME):
+        buf[:] = pcm[start : start + FRAME]
+        events += ep.feed(buf)
+    buf[:] = 0
+    (_, stopped), = utterances(events + ep.flush())
+    assert np.array_equal(stopped.audio, expected)
