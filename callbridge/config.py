@@ -117,6 +117,29 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class SpeechSettings:
+    """Caller speech: endpointing and speech-to-text (callbridge.speech)."""
+
+    enabled: bool = False  # needs a model (and the speech extra for faster-whisper)
+    backend: str = "faster-whisper"  # or "openai-whisper"
+    model: str = ""  # faster-whisper: a model folder; openai-whisper: a .pt file or a cached name
+    device: str = "cpu"  # cpu or cuda
+    compute_type: str = "default"  # faster-whisper: default (int8 on CPU, float16 on CUDA), int8, float16, float32
+    cpu_threads: int = 2  # faster-whisper's own threads (the TTS keeps the rest)
+    beam_size: int = 1
+    word_timestamps: bool = True
+    silence_ms: int = 500
+    max_utterance_s: float = 15.0
+    pre_roll_ms: int = 300
+    min_speech_ms: int = 100
+    aggressiveness: int = 2
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    queue_size: int = 8
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -128,6 +151,7 @@ class Settings:
     bargein: BargeInSettings = BargeInSettings()
     calls: CallSettings = CallSettings()
     agent: AgentSettings = AgentSettings()
+    speech: SpeechSettings = SpeechSettings()
 
     def with_(self, **sections: dict[str, Any]) -> Settings:
         """A copy with some keys replaced, e.g. ``with_(server={"port": 0})`` (validated)."""
@@ -153,6 +177,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_MAX_CALLS": ("calls", "max_calls"),
     "CALLBRIDGE_AGENT_SECRET": ("agent", "secret"),
     "CALLBRIDGE_AGENT_WEBHOOK_URL": ("agent", "webhook_url"),
+    "CALLBRIDGE_SPEECH": ("speech", "enabled"),
+    "CALLBRIDGE_SPEECH_MODEL": ("speech", "model"),
     "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
     "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
     "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
@@ -247,6 +273,43 @@ def validate(s: Settings) -> None:
         raise bad("agent.webhook_url", s.agent.webhook_url, "must be an http(s) URL")
     if s.calls.max_turn_chars < 1:
         raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
+    _validate_speech(s.speech)
+
+
+def _validate_speech(sp: SpeechSettings) -> None:
+    def bad(key: str, value: Any, why: str) -> SettingsError:
+        return SettingsError(f"speech.{key} = {value!r}: {why}")
+
+    if sp.backend not in ("faster-whisper", "openai-whisper"):
+        raise bad("backend", sp.backend, "use faster-whisper or openai-whisper")
+    if sp.enabled and not sp.model:
+        raise bad("model", sp.model, "speech is enabled: name a model (see config/callbridge.toml [speech])")
+    if sp.device not in ("cpu", "cuda"):
+        raise bad("device", sp.device, "use cpu or cuda")
+    if sp.compute_type not in ("default", "int8", "int8_float16", "float16", "float32"):
+        raise bad("compute_type", sp.compute_type, "use default, int8, int8_float16, float16 or float32")
+    if not 0 <= sp.cpu_threads <= 64:
+        raise bad("cpu_threads", sp.cpu_threads, "must be 0…64 (0 = CTranslate2 picks)")
+    if not 1 <= sp.beam_size <= 10:
+        raise bad("beam_size", sp.beam_size, "must be 1…10")
+    if not 100 <= sp.silence_ms <= 5000:
+        raise bad("silence_ms", sp.silence_ms, "must be 100…5000 (peers end a turn after 300-800)")
+    if not 1.0 <= sp.max_utterance_s <= 30.0:
+        raise bad("max_utterance_s", sp.max_utterance_s, "must be 1…30 (Whisper hears 30 s at most)")
+    if not 0 <= sp.pre_roll_ms <= 1000:
+        raise bad("pre_roll_ms", sp.pre_roll_ms, "must be 0…1000")
+    if not 20 <= sp.min_speech_ms <= 1000:
+        raise bad("min_speech_ms", sp.min_speech_ms, "must be 20…1000")
+    if not 0 <= sp.aggressiveness <= 3:
+        raise bad("aggressiveness", sp.aggressiveness, "must be 0…3")
+    if not 0.0 <= sp.no_speech_threshold <= 1.0:
+        raise bad("no_speech_threshold", sp.no_speech_threshold, "must be 0…1")
+    if sp.logprob_threshold > 0.0:
+        raise bad("logprob_threshold", sp.logprob_threshold, "must be <= 0")
+    if sp.compression_ratio_threshold <= 1.0:
+        raise bad("compression_ratio_threshold", sp.compression_ratio_threshold, "must be > 1")
+    if not 1 <= sp.queue_size <= 1024:
+        raise bad("queue_size", sp.queue_size, "must be 1…1024")
 
 
 def default_cache_dir(environ: dict[str, str] | None = None) -> Path:

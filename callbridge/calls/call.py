@@ -8,7 +8,8 @@ Its parts, each with one job:
 - :class:`~.playout.Playout` (the writer task): the only sender into the leg, paced; markers,
   playback epochs, the fade-out, what the caller heard;
 - caller-audio consumers (:attr:`Call.caller_audio`): every caller frame goes to each, in order,
-  speech or silence; :class:`~.bargein.BargeIn` is one, a transcriber will be the next;
+  speech or silence; :class:`~.bargein.BargeIn` is one, :class:`~callbridge.speech.CallerSpeech`
+  (endpointing and transcripts, when ``[speech]`` is enabled) the other;
 - the agent hook (a task), if one is configured.
 
 The carrier's side (a handler reading the leg's socket) hands every caller event to
@@ -30,6 +31,7 @@ from typing import Any
 
 from ..config import Settings
 from ..metrics import Metrics
+from ..speech import CallerSpeech, SpeechWorker, endpointer_config
 from ..tts import Reservation, TtsWorker
 from ..voices import Voice
 from .agent import Agent, AgentReply, run_agent
@@ -77,6 +79,7 @@ class Call:
         reservation: Reservation | None = None,
         fallback_ulaw8k: bytes | None = None,
         agent: Agent | None = None,
+        speech: SpeechWorker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.leg = leg
@@ -115,6 +118,12 @@ class Call:
             self.bargein = BargeIn(settings.bargein, bot_audible=self._bot_is_audible,
                                    cut=lambda: self.cut("caller speech"))
             self.caller_audio.append(self.bargein.on_caller_audio)
+        # Caller speech: utterances and transcripts as events (speech worker shared by all calls).
+        self.speech: CallerSpeech | None = None
+        if settings.speech.enabled and speech is not None:
+            self.speech = CallerSpeech(self.emit, speech, endpointer_config(settings.speech),
+                                       bot_audible=self._bot_is_audible, logger=self.log)
+            self.caller_audio.append(self.speech.on_caller_audio)
         self._tasks: list[asyncio.Task[None]] = []
         self._end_tasks: set[asyncio.Task[None]] = set()  # strong refs: the loop keeps only weak ones
         self._agent_task: asyncio.Task[None] | None = None
@@ -173,6 +182,8 @@ class Call:
         self.turns.queued.clear()
         self.turns.wake()
         self.playout.wake()
+        if self.speech is not None:
+            self.speech.close()  # transcripts still in the worker are not emitted after call_ended
         current = asyncio.current_task()
         if self._hangup is not None and not self._hangup_asked and self._hangup is not current:
             self._hangup.cancel()  # still draining: the call ended another way first

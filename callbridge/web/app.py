@@ -1,7 +1,8 @@
 """The aiohttp application: routes, start-up (model, voices, TTS worker) and shutdown, health, metrics.
 
 App-wide objects hang on the app under typed keys (:mod:`.services`) and live in
-``cleanup_ctx``: the Dia2 runtime, the TTS worker (its own thread), the voice registry, the
+``cleanup_ctx``: the speech-to-text worker (its own thread, when ``[speech]`` is enabled), the
+Dia2 runtime, the TTS worker (its own thread), the voice registry, the
 call registry, the one-time stream tokens and the metrics. Twilio's routes are in
 :mod:`.twilio_routes`, the control API in :mod:`.control` and :mod:`.text_socket`, the plain
 TTS socket in :mod:`.tts_socket`."""
@@ -20,8 +21,9 @@ from dia2 import Dia2
 from ..calls.agent import Agent, load_agent
 from ..calls.call import CallState
 from ..calls.fallback import load_fallback_audio
-from ..config import Settings
+from ..config import Settings, SettingsError
 from ..metrics import Metrics
+from ..speech import speech_worker
 from ..transports.websocket import close_socket
 from ..tts import TtsWorker
 from .control import delete_turn, get_call, list_calls, post_hangup, post_interrupt, post_turn
@@ -32,6 +34,8 @@ from .tts_socket import stream_tts_handler
 from .twilio_routes import STREAM_PATH, twilio_stream, twilio_stream_status, twilio_voice
 
 log = logging.getLogger(__name__)
+
+SPEECH_LOAD_TIMEOUT_S = 300.0  # a speech model still loading after this fails the start-up
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -77,9 +81,32 @@ def build_app(
     app.router.add_get("/ws/stream_tts", stream_tts_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
+    app.cleanup_ctx.append(_speech_context)  # before the TTS: stopped after every call has ended
     app.cleanup_ctx.append(_tts_context(runtime, say))
     app.on_shutdown.append(_close_sockets)
     return app
+
+
+async def _speech_context(app: web.Application) -> AsyncIterator[None]:
+    """The speech-to-text worker thread, when ``[speech]`` is enabled; its model loads before the
+    service is ready, and a model that does not load stops the start-up with one line."""
+    svc = app[SERVICES]
+    s = svc.settings.speech
+    if not s.enabled:
+        yield
+        return
+    worker = speech_worker(s)
+    worker.start()
+    await asyncio.to_thread(worker.wait_ready, SPEECH_LOAD_TIMEOUT_S)
+    if not worker.available:
+        await asyncio.to_thread(worker.stop)
+        raise SettingsError(f"speech.model = {s.model!r}: {worker.load_error or 'did not load in time'}")
+    svc.speech = worker
+    try:
+        yield
+    finally:
+        svc.speech = None
+        await asyncio.to_thread(worker.stop)
 
 
 def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def]

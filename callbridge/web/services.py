@@ -19,6 +19,7 @@ from ..calls.agent import Agent
 from ..calls.call import Call
 from ..config import Settings
 from ..metrics import Metrics
+from ..speech import SpeechWorker
 from ..tts import TtsWorker
 from ..voices import VoiceRegistry
 from .stream_tokens import StreamTokens
@@ -45,6 +46,7 @@ class Services:
     # Called with each call once it has ended and left the registry (diagnostics: bench/soak.py).
     call_observers: list[Callable[[Call], None]] = field(default_factory=list)
     agent: Agent | None = None
+    speech: SpeechWorker | None = None  # the speech-to-text thread, when [speech] is enabled
     ready: bool = False
     shutting_down: bool = False
 

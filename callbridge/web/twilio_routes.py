@@ -195,7 +195,7 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
                     transport=transport)
     call = Call(leg=leg, voice=voice, settings=settings, worker=worker, metrics=svc.metrics,
                 greeting=binding.greeting, reservation=binding.reservation, fallback_ulaw8k=svc.fallback_ulaw8k,
-                agent=svc.agent)
+                agent=svc.agent, speech=svc.speech)
     svc.connecting.add(call)
     try:
         await ws.prepare(request)

