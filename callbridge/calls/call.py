@@ -22,7 +22,6 @@ cancels its TTS turn at once, so its stream slot is free before the worker's nex
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -96,11 +95,15 @@ class Call:
         self.listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self.ended = asyncio.Event()
         self.end_reason = ""
-        self.turns = TurnQueue(self.call_sid, settings.calls, metrics, self.emit, self.log)
+        # Set on each message sent, marker played, turn ended, and the call's end: drain() waits on it.
+        self._progress = asyncio.Event()
+        self.turns = TurnQueue(self.call_sid, settings.calls, metrics, self.emit, self.log,
+                               on_turn_ended=self._progress.set)
         self.playout = Playout(
             leg, fade_out_ms=settings.audio.fade_out_ms, send_timeout_s=settings.audio.send_timeout_s,
             stats=self.stats, metrics=metrics, log=self.log, clock=clock,
             on_first_audio=self._first_audio, on_heard=self._heard, on_turn_played=self._turn_played,
+            on_progress=self._progress.set,
         )
         self.speaker = Speaker(
             worker=worker, voice=voice, settings=settings, reservation=reservation, turns=self.turns,
@@ -108,6 +111,7 @@ class Call:
             # Played when a turn fails (load_fallback_audio); None: 300 ms of silence.
             fallback_ulaw8k=load_fallback_audio("") if fallback_ulaw8k is None else fallback_ulaw8k,
             speaking=lambda: self._state in (CallState.ACTIVE, CallState.ENDING),
+            on_progress=self._progress.set,
         )
         #: Every frame of caller audio goes to each of these, in order, speech or silence, from
         #: the leg's reader task (so a consumer must not block: queue to a task of its own).
@@ -181,19 +185,23 @@ class Call:
                 self.turns.finish(turn, TurnState.CANCELLED if turn.state is TurnState.QUEUED else TurnState.INTERRUPTED)
         self.turns.queued.clear()
         self.turns.wake()
-        self.playout.wake()
+        self.playout.stop()
+        self._progress.set()
         if self.speech is not None:
             self.speech.close()  # transcripts still in the worker are not emitted after call_ended
         current = asyncio.current_task()
         if self._hangup is not None and not self._hangup_asked and self._hangup is not current:
             self._hangup.cancel()  # still draining: the call ended another way first
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        for task in self._tasks:
-            if task is not current:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        others = [task for task in self._tasks if task is not current]
+        for task in others:
+            task.cancel()
+        if others:
+            # asyncio.wait, not `suppress(CancelledError): await task`: that would also swallow
+            # a cancel of whoever awaits end() (a shutdown's bound could then never fire).
+            await asyncio.wait(others)
+            for task in others:
+                if not task.cancelled() and task.exception() is not None:
+                    self.log.warning("task %s failed: %r", task.get_name(), task.exception())
         if self.reservation is not None:
             self.reservation.release()
         if was_live:
@@ -418,18 +426,30 @@ class Call:
         ``heard=False``: only until everything has been *sent*, for when marker echoes can no
         longer arrive (aiohttp stops reading every connection before its on_shutdown hooks run).
         """
-        deadline = time.monotonic() + timeout_s
-        while self._state is not CallState.ENDED and time.monotonic() < deadline:
+        def busy() -> bool:
+            if self._state is CallState.ENDED:
+                return False
             current = self.turns.current
-            if heard:
-                busy = current is not None or bool(self.turns.queued) or self.playout.audible
-            else:
-                speaking = current is not None and current.state is TurnState.SPEAKING
-                busy = speaking or bool(self.turns.queued) or not self.playout.all_sent
-            if not busy:
-                return True
-            await asyncio.sleep(0.02)
-        return self._state is CallState.ENDED
+            speaking = current is not None and current.state is TurnState.SPEAKING
+            # Queued audio counts either way: a failed turn's fallback is queued after the turn
+            # has ended, and its marker is pending only once the writer has sent it.
+            unsent = speaking or bool(self.turns.queued) or not self.playout.all_sent
+            if not heard:
+                return unsent
+            return unsent or current is not None or self.playout.audible
+
+        # Woken by progress (something sent, a marker played, a turn ended, the call ended),
+        # never by a clock.
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    self._progress.clear()  # before looking: a change after the look is kept
+                    if not busy():
+                        break
+                    await self._progress.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def view(self) -> dict[str, Any]:
         s = self.stats

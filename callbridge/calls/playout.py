@@ -101,6 +101,7 @@ class Playout:
         on_first_audio: Callable[[Turn, float], None],
         on_heard: Callable[[Turn, list[str]], None],
         on_turn_played: Callable[[Turn], None],
+        on_progress: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if leg.pacing.chunk_ms != CHUNK_MS:
@@ -114,6 +115,8 @@ class Playout:
         self._on_first_audio = on_first_audio
         self._on_heard = on_heard
         self._on_turn_played = on_turn_played
+        self._on_progress = on_progress  # something sent or played: a drain looks again
+        self._stopped = False
         self.epoch = 0
         self.pending: dict[str, SentMarker] = {}  # sent, not yet played; insertion order = send order
         self._outbox: asyncio.Queue[_Item] = asyncio.Queue(maxsize=OUTBOX_ITEMS)
@@ -160,8 +163,14 @@ class Playout:
         with contextlib.suppress(asyncio.QueueFull):
             self._outbox.put_nowait(_Item("wake", self.epoch))
 
+    def stop(self) -> None:
+        """The call has ended: the writer returns at its next look instead of waiting for more."""
+        self._stopped = True
+        self.wake()
+
     def marker_played(self, name: str) -> None:
         """The leg says marker ``name`` has played (or was cleared)."""
+        self._on_progress()
         sent = self.pending.get(name)
         if sent is None:
             self.stats.marks_unknown += 1
@@ -185,17 +194,20 @@ class Playout:
     # ---- the writer
 
     async def run(self) -> None:
-        """The writer task: send everything queued, in order and paced, until cancelled.
+        """The writer task: send everything queued, in order and paced, until cancelled or stopped.
 
         Raises :class:`SendTimeout` when the leg accepts nothing for ``send_timeout_s`` and
         ``ConnectionError`` when it has gone; the call ends on either.
         """
-        while True:
+        while not self._stopped:
             if self._clear_pending:
                 self._clear_pending = False
                 await self._bounded(self.leg.clear())
                 await self._send_fade_out()
             item = await self._outbox.get()
+            self._on_progress()  # taken, even if not sent (a wake, a chunk of an old epoch)
+            if self._stopped:
+                return  # stop() posts one wake item: never wait for another one
             if item.kind == "wake":
                 continue
             if item.epoch != self.epoch:
@@ -265,3 +277,4 @@ class Playout:
                 await send
         except TimeoutError:
             raise SendTimeout from None
+        self._on_progress()

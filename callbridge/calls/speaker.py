@@ -41,6 +41,7 @@ class Speaker:
         stats: CallStats,
         emit: Callable[[dict[str, Any]], None],
         speaking: Callable[[], bool],
+        on_progress: Callable[[], None],
         log: logging.LoggerAdapter[logging.Logger],
     ) -> None:
         self.worker = worker
@@ -53,6 +54,7 @@ class Speaker:
         self.stats = stats
         self._emit = emit
         self._speaking = speaking  # whether the call still speaks turns (active or draining)
+        self._on_progress = on_progress  # a turn all queued, or no longer current: a drain looks again
         self.log = log
         self._outbound = OutboundAudio(quality=settings.audio.resampler_quality)
 
@@ -101,6 +103,7 @@ class Speaker:
                     await self.playout.put_audio(epoch, chunk, turn)
                 await self.playout.put_marker(epoch, f"t{turn.seq}-g{epoch}-end", turn, words, end_of_turn=True)
                 turn.state = TurnState.SENT
+                self._on_progress()
             else:
                 self._outbound.drop()
         except TurnFailed as exc:
@@ -117,6 +120,7 @@ class Speaker:
                 await feeder
             if self.turns.current is turn and turn.state is not TurnState.SENT:
                 self.turns.current = None
+                self._on_progress()
 
     async def _fail(self, turn: Turn, epoch: int) -> None:
         """The turn failed on the worker: play the fallback through the normal path, end it failed.

@@ -103,12 +103,14 @@ class TurnQueue:
     """The turns of one call: queued ones, the one in progress, the last 50 ended."""
 
     def __init__(self, call_sid: str, limits: CallSettings, metrics: Metrics,
-                 emit: Callable[[dict[str, Any]], None], log: logging.LoggerAdapter[logging.Logger]) -> None:
+                 emit: Callable[[dict[str, Any]], None], log: logging.LoggerAdapter[logging.Logger],
+                 on_turn_ended: Callable[[], None] = lambda: None) -> None:
         self.call_sid = call_sid
         self.limits = limits
         self.metrics = metrics
         self._emit = emit
         self._log = log
+        self._on_turn_ended = on_turn_ended  # a call's drain looks again
         self.queued: deque[Turn] = deque()
         self.current: Turn | None = None  # speaking, or sent and still playing
         self.history: deque[Turn] = deque(maxlen=50)
@@ -226,3 +228,4 @@ class TurnQueue:
         self._log.info("turn %s %s: ttfa %s ms, %d chunks, heard %d words", turn.id, state.value,
                        event["ttfa_ms"], turn.chunks, len(turn.heard))
         self._emit(event)
+        self._on_turn_ended()
