@@ -36,6 +36,17 @@ class Metrics:
         )
         self.rejected_total = Counter("callbridge_rejected_total", "Requests refused", ["reason"], registry=r)
         self.tts_streams_active = Gauge("callbridge_tts_streams_active", "Streams the TTS worker is stepping", registry=r)
+        self.tts_worker_ready = Gauge(
+            "callbridge_tts_worker_ready", "1 when the TTS worker is warmed up and serving (calls are admitted)",
+            registry=r,
+        )
+        self.tts_worker_faults_total = Counter(
+            "callbridge_tts_worker_faults_total", "TTS worker faults (start-up failed, runner broken, thread died)",
+            registry=r,
+        )
+        self.tts_worker_restarts_total = Counter(
+            "callbridge_tts_worker_restarts_total", "TTS worker restarts after a fault", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

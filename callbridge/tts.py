@@ -27,16 +27,27 @@ keeps up can fall behind). A turn whose reader lets the backlog reach that cap h
 reader: its further frames are dropped (counted in :attr:`TurnTiming.dropped_frames` and
 logged) and the turn is cancelled to free the GPU slot. With a live reader there are no drops.
 
+Lifecycle (:class:`WorkerState`, checked transitions): STARTING (the thread builds the runner,
+which captures the CUDA graphs on a GPU, then steps a warm-up turn to its first frame) →
+READY (serving) → STOPPED. Only a READY worker admits: :meth:`TtsWorker.reserve` says no
+before the warm-up is done.
+
 Faults: a stream whose step raises is failed (:class:`TurnFailed` from ``frames()``) and the
-others go on (the runner retries a failed batch stream by stream). Anything else that escapes
-a loop iteration is caught at the top of the thread loop, logged with its traceback, and
-fails the turns that were active then; the worker itself never dies.
+others go on (the runner retries a failed batch stream by stream). The worker itself is
+*faulted* when its runner cannot be trusted any more: the start-up (runner or warm-up) raised,
+something escaped a loop iteration, :data:`FAULT_AFTER_FAILED_STEPS` steps in a row failed
+every stream they ran (a lost CUDA context fails everything), or the thread died. Then every
+live turn fails (the call plays its fallback), queued opens fail, the state is FAULTED, the
+thread exits, and listeners (:meth:`TtsWorker.add_state_listener`) are told; the service
+restarts it with :meth:`TtsWorker.restart` (``web/worker_supervisor.py``: bounded, logged).
+While a restarted worker warms up, new turns fail at once instead of waiting in silence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import itertools
 import logging
 import queue
@@ -70,6 +81,26 @@ DEFAULT_MAX_BACKLOG_FRAMES: Final = 1500
 WARM_UP_TEXT: Final = "[S1] Warming up the voice."
 #: Bound on warm-up steps (a tiny model with a short context could otherwise wander).
 WARM_UP_MAX_STEPS: Final = 64
+#: Steps in a row in which every running stream failed: the runner itself is broken (a lost
+#: CUDA context fails every stream of every step), so the worker faults and is rebuilt.
+FAULT_AFTER_FAILED_STEPS: Final = 3
+
+RunnerFactory = Callable[[Dia2, int], StreamRunner]
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # the thread builds the runner (CUDA graphs) and warms up
+    READY = "ready"  # warmed up: admits and serves turns
+    FAULTED = "faulted"  # the runner failed or the thread died; restart() or stop()
+    STOPPED = "stopped"  # stop() was called: nothing more, ever
+
+
+_WORKER_TRANSITIONS: Final[dict[WorkerState, frozenset[WorkerState]]] = {
+    WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.FAULTED, WorkerState.STOPPED}),
+    WorkerState.READY: frozenset({WorkerState.FAULTED, WorkerState.STOPPED}),
+    WorkerState.FAULTED: frozenset({WorkerState.STARTING, WorkerState.STOPPED}),
+    WorkerState.STOPPED: frozenset(),
+}
 
 
 def generation_config(tts: TtsSettings, *, seed: int) -> GenerationConfig:
@@ -94,6 +125,14 @@ class WorkerFull(TtsError):
 
 class WorkerClosed(TtsError):
     """The worker was stopped; it takes no new turns."""
+
+
+class WorkerFaulted(TtsError):
+    """The worker's start-up failed or its runner faulted; ``reason`` says why (it awaits a restart)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class TurnFailed(TtsError):
@@ -381,7 +420,8 @@ class TtsWorker:
     """
 
     def __init__(self, runtime: Dia2, max_streams: int, *, name: str = "tts-0",
-                 max_backlog_frames: int = DEFAULT_MAX_BACKLOG_FRAMES) -> None:
+                 max_backlog_frames: int = DEFAULT_MAX_BACKLOG_FRAMES,
+                 runner_factory: RunnerFactory = StreamRunner) -> None:
         if max_streams < 1:
             raise ValueError(f"max_streams must be >= 1, got {max_streams}")
         if max_backlog_frames < 1:
@@ -390,6 +430,7 @@ class TtsWorker:
         self.name = name
         self.max_backlog_frames = max_backlog_frames
         self._capacity = max_streams
+        self._runner_factory = runner_factory  # tests inject faults through it
         self._runner: StreamRunner | None = None  # built on the worker thread
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the slot accounting below (held for microseconds)
@@ -399,6 +440,12 @@ class TtsWorker:
         self._closed = False
         self._ready: concurrent.futures.Future[float] = concurrent.futures.Future()
         self._live: dict[TurnHandle, _Live] = {}  # worker thread only
+        self._state = WorkerState.STARTING  # guarded by the lock; changed by _set_state only
+        self._fault: str | None = None  # why it is FAULTED
+        self._starts = 0  # threads started (1 + restarts)
+        self._failed_steps = 0  # steps in a row that failed every stream (worker thread)
+        self._last_step_error: str | None = None
+        self._listeners: list[Callable[[WorkerState, str | None], None]] = []
         self.steps = 0  # batched steps run (worker thread writes, anyone may read)
         self.warm_up_s: float | None = None
 
@@ -411,15 +458,82 @@ class TtsWorker:
             raise TtsError(f"worker {self.name} was already started")
         if self._closed:
             raise WorkerClosed(f"worker {self.name} is stopped")
+        self._spawn(warm_up)
+
+    def restart(self, *, warm_up: bool = True, join_timeout_s: float = 30.0) -> None:
+        """Start a fresh runner on a fresh thread after a fault (blocking: joins the old thread).
+
+        Turns that were live at the fault have failed already; reservations stay valid.
+        Raises :class:`TtsError` unless the worker is FAULTED, :class:`WorkerClosed` once stopped.
+        """
+        state = self.state
+        if state is not WorkerState.FAULTED:
+            if state is WorkerState.STOPPED:
+                raise WorkerClosed(f"worker {self.name} is stopped")
+            raise TtsError(f"worker {self.name} is {state.value}; only a faulted worker restarts")
+        self._set_state(WorkerState.FAULTED, self.fault)  # a thread that died without saying so
+        old = self._thread
+        if old is not None:
+            old.join(join_timeout_s)
+            if old.is_alive():
+                raise TtsError(f"worker {self.name}: the faulted thread did not exit within {join_timeout_s:.0f} s")
+        if not self._set_state(WorkerState.STARTING):
+            raise WorkerClosed(f"worker {self.name} is stopped")
+        self._spawn(warm_up)
+
+    def _spawn(self, warm_up: bool) -> None:
+        self._ready = concurrent.futures.Future()
+        self._runner = None
+        self._failed_steps = 0
+        self._starts += 1
         self._thread = threading.Thread(target=self._run, args=(warm_up,), name=self.name, daemon=True)
         self._thread.start()
 
     async def ready(self) -> float:
         """Wait until the thread is up and warmed up; returns the warm-up time in seconds.
 
-        Raises what the warm-up raised (the worker still serves turns; the caller decides).
+        Raises :class:`WorkerFaulted` if the start-up failed (the worker is FAULTED).
         """
         return await asyncio.wrap_future(self._ready)
+
+    @property
+    def state(self) -> WorkerState:
+        """As of now; a READY worker whose thread has died reads FAULTED."""
+        with self._lock:
+            state = self._state
+        thread = self._thread
+        if state in (WorkerState.STARTING, WorkerState.READY) and (thread is None or not thread.is_alive()):
+            return WorkerState.FAULTED if thread is not None else state
+        return state
+
+    @property
+    def fault(self) -> str | None:
+        """Why the worker is not serving (a fault's reason), or None while it starts or serves."""
+        state = self.state
+        if state is WorkerState.FAULTED:
+            return self._fault or "the worker thread is not running"
+        return None
+
+    def add_state_listener(self, listener: Callable[[WorkerState, str | None], None]) -> None:
+        """``listener(state, reason)`` on every change, called on the thread that made it (any thread)."""
+        self._listeners.append(listener)
+
+    def _set_state(self, new: WorkerState, reason: str | None = None) -> bool:
+        """Move to ``new`` if the table allows; False (no change) once STOPPED: stopping wins."""
+        with self._lock:
+            old = self._state
+            if old is new or old is WorkerState.STOPPED:
+                return old is new
+            if new not in _WORKER_TRANSITIONS[old]:
+                raise RuntimeError(f"tts worker {self.name}: illegal transition {old.value} -> {new.value}")
+            self._state = new
+            self._fault = reason if new is WorkerState.FAULTED else None
+        for listener in list(self._listeners):
+            try:
+                listener(new, reason)
+            except Exception:  # a listener's bug must not take the worker's thread with it
+                log.exception("tts worker %s: state listener failed", self.name)
+        return True
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new turns, cancel every running turn (their ``frames()`` end), join the thread."""
@@ -428,6 +542,7 @@ class TtsWorker:
     def close(self, timeout_s: float = 30.0) -> None:
         """Blocking :meth:`stop`, for code outside the event loop."""
         self._closed = True
+        self._set_state(WorkerState.STOPPED)
         thread = self._thread
         if thread is None:
             return
@@ -459,15 +574,16 @@ class TtsWorker:
         return self._closed
 
     def can_admit(self, streams: int = 1) -> bool:
-        """True when ``streams`` more slots could be taken now (and the worker is open)."""
-        return not self._closed and self.free >= streams
+        """True when ``streams`` more slots could be taken now (and the worker is READY)."""
+        return self.state is WorkerState.READY and self.free >= streams
 
     def reserve(self) -> Reservation | None:
-        """Hold one slot for a call (webhook admission); None when full or stopped.
+        """Hold one slot for a call (webhook admission); None when full, or not READY (warming
+        up, faulted, stopped): a call is never admitted into a worker that cannot serve it.
 
         Release it at hang-up (``Reservation.release()`` or ``with``).
         """
-        if self._closed:
+        if self.state is not WorkerState.READY:
             return None
         with self._lock:
             if self._held >= self._capacity:
@@ -541,7 +657,10 @@ class TtsWorker:
         self._take_slot(handle, reservation)
         if close:
             handle._text_closed = True
-        self._submit(_Open(handle, snapshot, config, text, close))
+        refusal = self._submit_open(_Open(handle, snapshot, config, text, close))
+        if refusal is not None:
+            self._end_hold(handle)
+            raise refusal
         try:
             await asyncio.shield(handle._started)
         except asyncio.CancelledError:
@@ -554,46 +673,90 @@ class TtsWorker:
         if self._thread is None or self._closed:
             raise WorkerClosed(f"worker {self.name} is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._submit(_RunFn(fn, future))
+        refusal = self._submit_open(_RunFn(fn, future))
+        if refusal is not None:
+            raise refusal
         return await asyncio.wrap_future(future)
 
     def _submit(self, command: _Command) -> None:
         self._commands.put(command)
 
+    def _submit_open(self, command: _Open | _RunFn) -> TtsError | None:
+        """Queue a command that needs an answer, or say why not. Under the lock, so that a thread
+        that faults or stops (the state changes under the same lock, then the thread drains the
+        queue) never leaves one unanswered."""
+        with self._lock:
+            state = self._state
+            if state is WorkerState.STOPPED:
+                return WorkerClosed(f"worker {self.name} is stopped")
+            if state is WorkerState.FAULTED or (state is WorkerState.STARTING and self._starts > 1):
+                why = self._fault if state is WorkerState.FAULTED else "warming up again after a fault"
+                return TurnFailed(f"the TTS worker is restarting ({why})")
+            self._commands.put(command)
+        return None
+
     # ---- the thread
 
     def _run(self, warm_up: bool) -> None:
-        """The worker thread: build the runner, warm up, then serve commands and step."""
+        """The worker thread: build the runner, warm up, serve; on a fault, fail what it held and exit."""
+        fault: str | None = "the worker thread exited without saying why"
         try:
-            self._runner = StreamRunner(self.runtime, self._capacity)
+            fault = self._start_and_serve(warm_up)
+        except BaseException as exc:  # the thread is dying: its turns must not wait forever (below)
+            fault = f"worker thread died: {type(exc).__name__}: {exc}"
+            log.critical("tts worker %s: %s", self.name, fault, exc_info=exc)
+        finally:
+            if fault is None:
+                self._drain_after_stop()
+                log.info("tts worker %s stopped after %d steps", self.name, self.steps)
+            else:
+                self._fail_everything(fault)
+
+    def _start_and_serve(self, warm_up: bool) -> str | None:
+        """Returns None when stopped, or the reason of a fault."""
+        try:
+            runner = self._runner_factory(self.runtime, self._capacity)
+            self._runner = runner
             seconds = self._warm_up() if warm_up else 0.0
         except Exception as exc:
-            log.exception("tts worker %s: start-up failed", self.name)
-            self._ready.set_exception(exc)
-            if self._runner is None:  # nothing to serve with: refuse new turns, end queued ones
-                self._closed = True
-                self._drain_after_stop()
-                return
-        else:
-            self.warm_up_s = seconds
-            self._ready.set_result(seconds)
-            log.info("tts worker %s ready: %d streams, warm-up %.0f ms", self.name, self._capacity, seconds * 1e3)
-        runner = self._runner
-        stopping = False
-        while not stopping:
+            fault = f"start-up failed: {type(exc).__name__}: {exc}"
+            log.error("tts worker %s: %s", self.name, fault, exc_info=exc)
+            return fault
+        self.warm_up_s = seconds
+        if not self._set_state(WorkerState.READY):  # stopped while warming up
+            self._ready.set_exception(WorkerClosed(f"worker {self.name} was stopped while starting"))
+            return None
+        self._ready.set_result(seconds)
+        log.info("tts worker %s ready: %d streams, warm-up %.0f ms", self.name, self._capacity, seconds * 1e3)
+        while True:
             outbox = _Outbox()
             try:
-                stopping = self._apply_commands(runner, outbox, block=not runner.streams)
-                if stopping:
+                if self._apply_commands(runner, outbox, block=not runner.streams):
                     self._cancel_all(outbox, StreamStatus.CANCELLED, None)
-                elif runner.streams:
+                    self._flush(outbox)
+                    return None
+                if runner.streams:
                     self._step(runner, outbox)
-            except Exception as exc:  # top of the thread loop: log, fail the active turns, go on
-                log.exception("tts worker %s: step loop error; failing %d active turn(s)", self.name, len(self._live))
-                self._cancel_all(outbox, StreamStatus.FAILED, f"worker error: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # escaped the runner's own isolation: the runner is suspect
+                self._flush(outbox)
+                log.error("tts worker %s: step loop error", self.name, exc_info=exc)
+                return f"step loop error: {type(exc).__name__}: {exc}"
             self._flush(outbox)
-        self._drain_after_stop()
-        log.info("tts worker %s stopped after %d steps", self.name, self.steps)
+            if self._failed_steps >= FAULT_AFTER_FAILED_STEPS:
+                return f"{self._failed_steps} steps in a row failed every stream (last: {self._last_step_error})"
+
+    def _fail_everything(self, fault: str) -> None:
+        """A fault: FAULTED first (under the lock: no new open is queued after it), then every live
+        turn and every queued open fails with the reason, and the thread exits."""
+        self._set_state(WorkerState.FAULTED, fault)
+        log.error("tts worker %s faulted: %s; failing %d live turn(s)", self.name, fault, len(self._live))
+        outbox = _Outbox()
+        self._cancel_all(outbox, StreamStatus.FAILED, f"tts worker fault: {fault}")
+        self._flush(outbox)
+        if not self._ready.done():
+            self._ready.set_exception(WorkerFaulted(fault))
+        self._drain_after_stop(failed=fault)
+        self._runner = None
 
     def _warm_up(self) -> float:
         """One short turn with no voice prompt, stepped to its first frame, then cancelled."""
@@ -678,9 +841,16 @@ class TtsWorker:
 
     def _step(self, runner: StreamRunner, outbox: _Outbox) -> None:
         """One batched step of every running stream, then hand out frames and ends."""
+        ran = len(runner.streams)
         runner.step()
         self.steps += 1
         now = time.monotonic()
+        failed = [live for live in self._live.values() if live.stream.status is StreamStatus.FAILED]
+        if ran and len(failed) == ran:
+            self._failed_steps += 1
+            self._last_step_error = failed[-1].stream.error
+        else:
+            self._failed_steps = 0
         for live in list(self._live.values()):
             frames = live.stream.pop_frames()
             if frames and live.first_frame_at is None:
@@ -713,7 +883,11 @@ class TtsWorker:
     def _cancel_all(self, outbox: _Outbox, ended: StreamStatus, error: str | None) -> None:
         for live in list(self._live.values()):
             if not live.stream.done:
-                live.stream.cancel()
+                try:
+                    live.stream.cancel()
+                except Exception:  # a faulted runner may fail even this; the turn ends regardless
+                    handle_log = live.handle._log
+                    handle_log.exception("turn %s: cancel failed on the runner", live.handle.turn_id)
             self._end(live, outbox, ended, error)
 
     def _flush(self, outbox: _Outbox) -> None:
@@ -730,8 +904,9 @@ class TtsWorker:
                     self._end_hold(event.handle)
                 log.warning("tts worker %s: event loop closed; dropped %d event(s)", self.name, len(events))
 
-    def _drain_after_stop(self) -> None:
-        """Commands that raced with stop: opens end as cancelled, calls are refused."""
+    def _drain_after_stop(self, failed: str | None = None) -> None:
+        """Commands left when the thread exits: opens end as cancelled (stop) or failed (a fault:
+        ``failed`` says why), calls are refused."""
         outbox = _Outbox()
         while True:
             try:
@@ -740,9 +915,15 @@ class TtsWorker:
                 break
             if isinstance(command, _Open):
                 self._end_hold(command.handle)
-                outbox.add(_Event(command.handle, _NO_COUNTERS, ended=StreamStatus.CANCELLED, ended_at=time.monotonic()))
+                if failed is None:
+                    outbox.add(_Event(command.handle, _NO_COUNTERS, ended=StreamStatus.CANCELLED,
+                                      ended_at=time.monotonic()))
+                else:
+                    outbox.add(_Event(command.handle, _NO_COUNTERS, ended=StreamStatus.FAILED,
+                                      error=f"tts worker fault: {failed}", ended_at=time.monotonic()))
             elif isinstance(command, _RunFn) and command.future.set_running_or_notify_cancel():
-                command.future.set_exception(WorkerClosed(f"worker {self.name} is stopped"))
+                command.future.set_exception(WorkerClosed(f"worker {self.name} is stopped") if failed is None
+                                             else WorkerFaulted(failed))
         self._flush(outbox)
 
 
@@ -761,5 +942,7 @@ __all__ = [
     "TurnHandle",
     "TurnTiming",
     "WorkerClosed",
+    "WorkerFaulted",
     "WorkerFull",
+    "WorkerState",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from dia2 import Dia2
+from dia2 import Dia2, StreamRunner
 
 from ..calls.agent import Agent, load_agent
 from ..calls.call import CallState
@@ -25,13 +25,14 @@ from ..config import Settings, SettingsError
 from ..metrics import Metrics
 from ..speech import speech_worker
 from ..transports.websocket import close_socket
-from ..tts import TtsWorker
+from ..tts import RunnerFactory, TtsWorker, WorkerFaulted
 from .control import delete_turn, get_call, list_calls, post_hangup, post_interrupt, post_turn
 from .services import AGENT, SERVICES, Services, _install_log_redaction, services
 from .stream_tokens import StreamTokens
 from .text_socket import call_text_socket
 from .tts_socket import stream_tts_handler
 from .twilio_routes import STREAM_PATH, twilio_stream, twilio_stream_status, twilio_voice
+from .worker_supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +40,42 @@ SPEECH_LOAD_TIMEOUT_S = 300.0  # a speech model still loading after this fails t
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 only while calls are admitted: started, the TTS worker warmed up (its CUDA graphs
+    captured) and serving, not shutting down. Else 503 with ``status`` (starting, restarting,
+    failed, stopping) and ``reason``."""
     svc = services(request)
+    readiness = svc.readiness()
     body = {
-        "status": "ok" if svc.ready else "starting",
+        "status": readiness.status,
+        "reason": readiness.reason,
         "calls": len(svc.calls),
         "tts_streams_active": svc.worker.active if svc.worker else 0,
         "tts_capacity": svc.worker.capacity if svc.worker else 0,
         "voices": svc.voices.names() if svc.voices else [],
     }
-    return web.json_response(body, status=200 if svc.ready else 503)
+    return web.json_response(body, status=200 if readiness.ready else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
     svc = services(request)
+    svc.readiness()  # refreshes callbridge_tts_worker_ready
     if svc.worker is not None:
         svc.metrics.tts_streams_active.set(svc.worker.active)
     return web.Response(body=svc.metrics.render(), content_type="text/plain")
 
 
 def build_app(
-    settings: Settings, *, runtime: Dia2 | None = None, say: Any = None, agent: Agent | None = None
+    settings: Settings, *, runtime: Dia2 | None = None, say: Any = None, agent: Agent | None = None,
+    wait_for_worker: bool = True, runner_factory: RunnerFactory = StreamRunner,
+    supervisor_options: dict[str, float] | None = None,
 ) -> web.Application:
     """The service. ``runtime`` may be given (tests share one); else it is loaded at start-up.
-    ``agent``: an in-process agent hook (else the ``[agent]`` settings decide)."""
+    ``agent``: an in-process agent hook (else the ``[agent]`` settings decide).
+
+    ``wait_for_worker``: start-up returns once the TTS worker is warmed up (True), or at once
+    with ``/healthz`` answering 503 "starting" and calls refused until it is (False: ``serve``,
+    so a probe sees why). ``runner_factory`` and ``supervisor_options`` (max_restarts,
+    window_s, backoff_s) exist for tests that inject worker faults."""
     _install_log_redaction()
     app = web.Application(client_max_size=256 * 1024)
     if agent is not None:
@@ -82,7 +96,7 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
     app.cleanup_ctx.append(_speech_context)  # before the TTS: stopped after every call has ended
-    app.cleanup_ctx.append(_tts_context(runtime, say))
+    app.cleanup_ctx.append(_tts_context(runtime, say, wait_for_worker, runner_factory, supervisor_options or {}))
     app.on_shutdown.append(_close_sockets)
     return app
 
@@ -109,7 +123,8 @@ async def _speech_context(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(worker.stop)
 
 
-def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def]
+def _tts_context(runtime: Dia2 | None, say: Any, wait_for_worker: bool, runner_factory: RunnerFactory,
+                 supervisor_options: dict[str, float]):  # type: ignore[no-untyped-def]
     async def context(app: web.Application) -> AsyncIterator[None]:
         from ..startup import load_runtime_and_voices
 
@@ -120,18 +135,25 @@ def _tts_context(runtime: Dia2 | None, say: Any):  # type: ignore[no-untyped-def
         svc.runtime, svc.voices = await loop.run_in_executor(
             None, load_runtime_and_voices, svc.settings, runtime, say
         )
-        svc.worker = TtsWorker(svc.runtime, svc.settings.tts.max_streams)
-        await loop.run_in_executor(None, svc.worker.start)
+        svc.worker = TtsWorker(svc.runtime, svc.settings.tts.max_streams, runner_factory=runner_factory)
+        svc.supervisor = WorkerSupervisor(svc.worker, svc.metrics, **supervisor_options)  # type: ignore[arg-type]
+        svc.supervisor.start()
+        svc.worker.start()  # the thread builds the runner (CUDA graphs) and warms up: not ready before
         a = svc.settings.agent
         svc.agent = app.get(AGENT) or load_agent(a.callable, a.webhook_url, a.secret, a.timeout_s)
-        svc.ready = True
+        svc.ready = True  # start-up done; calls are admitted once the worker is ready too
         try:
+            if wait_for_worker:
+                readiness = await svc.supervisor.first_start()
+                if not readiness.ready:
+                    raise WorkerFaulted(f"the TTS worker did not start: {readiness.reason}")
             yield
         finally:
             svc.ready = False
             for call in [*svc.calls.values(), *svc.connecting]:
                 await call.end("shutdown")
             await svc.worker.stop()
+            await svc.supervisor.stop()
             if svc.agent is not None:
                 await svc.agent.close()
 

@@ -23,6 +23,7 @@ from ..speech import SpeechWorker
 from ..tts import TtsWorker
 from ..voices import VoiceRegistry
 from .stream_tokens import StreamTokens
+from .worker_supervisor import Readiness, WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,18 @@ class Services:
     call_observers: list[Callable[[Call], None]] = field(default_factory=list)
     agent: Agent | None = None
     speech: SpeechWorker | None = None  # the speech-to-text thread, when [speech] is enabled
-    ready: bool = False
+    supervisor: WorkerSupervisor | None = None
+    ready: bool = False  # start-up done (the worker may still be warming up: see readiness())
     shutting_down: bool = False
+
+    def readiness(self) -> Readiness:
+        """Whether calls are admitted now, and if not why: the one rule behind ``/healthz``,
+        the voice webhook and ``/ws/stream_tts``."""
+        if self.shutting_down:
+            return Readiness("stopping", "the service is shutting down")
+        if not self.ready or self.supervisor is None:
+            return Readiness("starting", "the service is starting up")
+        return self.supervisor.readiness()
 
     def require(self) -> tuple[Dia2, TtsWorker, VoiceRegistry]:
         if self.runtime is None or self.worker is None or self.voices is None:

@@ -92,6 +92,11 @@ async def twilio_voice(request: web.Request) -> web.Response:
         log.warning("refused a repeated webhook for call %s", call_sid)
         raise web.HTTPForbidden(text="this call was already answered")
     _, worker, voices = svc.require()
+    readiness = svc.readiness()
+    if not readiness.ready:  # warming up, restarting after a fault, failed, or shutting down
+        svc.metrics.rejected_total.labels(reason=f"not_ready_{readiness.status}").inc()
+        log.warning("call %s rejected: service %s (%s)", call_sid, readiness.status, readiness.reason)
+        return web.Response(text=reject_twiml("busy"), content_type="text/xml")
     voice_name = request.query.get("voice") or voices.default
     try:
         voices.get(voice_name)
