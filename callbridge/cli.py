@@ -102,17 +102,20 @@ async def _serve(settings: Settings, sock: socket.socket) -> int:
 
     from .web.app import build_app, drain_calls
 
-    app = build_app(settings, say=_say)
+    # Listen while the TTS worker warms up: /healthz answers 503 "starting" (calls are refused)
+    # until it is ready, so a probe sees why instead of a refused connection.
+    app = build_app(settings, say=_say, wait_for_worker=False)
     runner = web.AppRunner(app, shutdown_timeout=settings.server.shutdown_timeout_s)
     try:
-        await runner.setup()  # loads the model and the voices
+        await runner.setup()  # loads the model and the voices; the TTS worker warms up after
     except BaseException:
         sock.close()
         raise
     await web.SockSite(runner, sock).start()
     host, port = sock.getsockname()[:2]
     _say(f"callbridge listening on http://{host}:{port} "
-         f"(public URL: {settings.server.public_base_url or 'NOT SET, see the warning above'})")
+         f"(public URL: {settings.server.public_base_url or 'NOT SET, see the warning above'}); "
+         "calls are admitted once the TTS worker has warmed up (GET /healthz)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -144,7 +144,7 @@ def _tts_context(runtime: Dia2 | None, say: Any, wait_for_worker: bool, runner_f
         svc.ready = True  # start-up done; calls are admitted once the worker is ready too
         try:
             if wait_for_worker:
-                readiness = await svc.supervisor.first_start()
+                readiness = await svc.supervisor.settled()
                 if not readiness.ready:
                     raise WorkerFaulted(f"the TTS worker did not start: {readiness.reason}")
             yield

@@ -55,7 +55,7 @@ class WorkerSupervisor:
         self._restart_times: deque[float] = deque()
         self._loop = asyncio.get_running_loop()
         self._changes: asyncio.Queue[tuple[WorkerState, str | None]] = asyncio.Queue()
-        self._changed = asyncio.Event()  # set on every change: first_start() waits on it
+        self._changed = asyncio.Event()  # set on every change: settled() waits on it
         self._task: asyncio.Task[None] | None = None
         worker.add_state_listener(self._on_change)
 
@@ -86,7 +86,7 @@ class WorkerSupervisor:
             return Readiness("restarting", "the TTS worker is warming up again after a fault")
         return Readiness("restarting", f"the TTS worker faulted: {self.worker.fault}")
 
-    async def first_start(self) -> Readiness:
+    async def settled(self) -> Readiness:
         """Wait until the worker is READY, or the supervisor has given up on starting it."""
         while True:
             readiness = self.readiness()
@@ -119,7 +119,7 @@ class WorkerSupervisor:
         attempt = len(self._restart_times) + 1
         log.error("tts worker %s faulted (%s): admission paused, restarting it (attempt %d of %d)",
                   self.worker.name, reason, attempt, self.max_restarts)
-        self._changed.set()  # readiness changed: first_start() and /healthz see "restarting"
+        self._changed.set()  # readiness changed: settled() and /healthz see "restarting"
         if self.backoff_s > 0 and attempt > 1:
             await asyncio.sleep(self.backoff_s * (attempt - 1))  # a real back-off, not a wait for an event
         self._restart_times.append(time.monotonic())
