@@ -49,11 +49,11 @@ async def call_text_socket(request: web.Request) -> web.WebSocketResponse:
                 data = msg.json()
             except ValueError:
                 data = None
-            if not isinstance(data, dict):
-                await ws.send_json({"event": "error", "status": 400, "message": "not a JSON object: send e.g. "
-                                    '{"type": "text", "text": "Hello"}'})
+            if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+                await ws.send_json({"event": "error", "status": 400, "message": "not a JSON object with a string "
+                                    '"type": send e.g. {"type": "text", "text": "Hello"}'})
                 continue
-            kind = data.get("type")
+            kind = data["type"]
             try:
                 if kind == "text":
                     text = data.get("text")
