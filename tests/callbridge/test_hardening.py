@@ -41,10 +41,9 @@ from callbridge.web.app import build_app, drain_calls
 from callbridge.web.services import SERVICES, Services, redact_url
 from dia2 import Dia2
 
-from .test_service import ACCOUNT, API, AUTH, PUBLIC, free_port, settings_for
+from .test_service import ACCOUNT, API, AUTH, PUBLIC, WAIT_S, free_port, settings_for, until
 
 BAD_TOKEN = 10**6  # outside any text vocabulary: the embedding lookup of its step raises
-WAIT_S = 60.0  # bound on every wait below (not a timing assertion: only a hang fails it)
 HEALTHY_TEXT = "One moment please, I am checking that for you."
 HOLDING = "One moment please, "  # a streamed turn that never closes: it pads until cut
 
@@ -110,14 +109,6 @@ def clean(report: dict[str, Any]) -> None:
     assert report["lost_or_reordered"] == 0
     assert report["marks_echoed"] == report["marks_sent"] > 0
     assert report["turns"][-1]["chunks"] > 0
-
-
-async def until(ready: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll ``ready`` (bounded: a hang fails the test, slowness does not)."""
-    async with asyncio.timeout(timeout_s):
-        while not ready():
-            await asyncio.sleep(0.02)
-    assert ready(), what
 
 
 def no_slot_left(service: Service) -> None:

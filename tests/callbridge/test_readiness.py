@@ -80,6 +80,10 @@ async def test_not_ready_and_refusing_calls_until_the_worker_is_warmed_up(tiny_r
         assert status == 503 and body["status"] == "starting" and "warming up" in body["reason"]
         assert "<Reject" in await webhook(service, 1)
         assert await metric(service, "callbridge_tts_worker_ready") == 0
+        async with aiohttp.ClientSession(headers=service.headers) as http:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(f"{service.base}/ws/stream_tts")
+            assert refused.value.status == 503
         faults.gate.set()
         assert service.svc.worker is not None
         await service.svc.worker.ready()

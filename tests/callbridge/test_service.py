@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,17 @@ API = "test-api-token-abcdef"
 ACCOUNT = "AC" + "0" * 32
 PUBLIC = "https://bridge.test"
 
+WAIT_S = 60.0  # bound on every wait for an event (not a timing assertion: only a hang fails it)
+
 pytestmark = pytest.mark.timeout(240)
+
+
+async def until(ready: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    """Wait for a condition on the service's state (bounded: a hang fails the test, slowness does not)."""
+    async with asyncio.timeout(timeout_s):
+        while not ready():
+            await asyncio.sleep(0.02)
+    assert ready(), what
 
 
 def free_port() -> int:
@@ -102,6 +112,8 @@ def clean(report: dict) -> None:
 
 
 async def test_a_full_call_greeting_then_two_turns(service: Service, tmp_path: Path) -> None:
+    left = asyncio.Event()
+    service.app[SERVICES].call_observers.append(lambda call: left.set())
     cfg = service.sim(texts=["Hello there.", "Your order ships today."], webhook_query={"greeting": "Hi, welcome."},
                       out_wav=tmp_path / "heard.wav", report_path=tmp_path / "report.json")
     [report] = [r.to_json() for r in await run_simulation(cfg)]
@@ -113,7 +125,8 @@ async def test_a_full_call_greeting_then_two_turns(service: Service, tmp_path: P
     assert (tmp_path / "heard.wav").stat().st_size > 44
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["calls"][0]["chunks"] == report["chunks"]
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(WAIT_S):
+        await left.wait()
     assert service.app[SERVICES].calls == {}  # the call is gone after stop
 
 
@@ -195,7 +208,8 @@ def _start(call_sid: str, stream_sid: str) -> str:
 @pytest.mark.parametrize("bad", ["{not json", "x" * 70000, "binary"])
 async def test_a_bad_message_ends_that_call_only(service: Service, bad: str) -> None:
     healthy = asyncio.create_task(simulate_call(service.sim(texts=["One moment please, I am checking."]), 0))
-    await asyncio.sleep(1.5)  # the healthy call is speaking
+    calls = service.app[SERVICES].calls
+    await until(lambda: any(c.stats.chunks_sent > 0 for c in calls.values()), "the healthy call is speaking")
     sid = "CA" + "2" * 32
     async with aiohttp.ClientSession() as http:
         ws = await _open_raw_stream(http, service, sid)
@@ -228,7 +242,7 @@ async def test_ten_simultaneous_calls_lose_nothing(service: Service) -> None:
 async def test_full_service_rejects_the_next_call(tiny_runtime: Dia2, tmp_path: Path) -> None:
     async with running(tiny_runtime, tmp_path, calls={"max_calls": 1}) as svc:
         first = asyncio.create_task(simulate_call(svc.sim(texts=["Please hold the line for a moment."]), 0))
-        await asyncio.sleep(1.0)
+        await until(lambda: svc.app[SERVICES].calls != {}, "the first call holds the only place")
         second = (await simulate_call(svc.sim(texts=["Hi."]), 1)).to_json()
         assert second["rejected"] is True
         clean((await first).to_json())
@@ -236,19 +250,13 @@ async def test_full_service_rejects_the_next_call(tiny_runtime: Dia2, tmp_path: 
 
 async def test_hang_up_through_the_api(service: Service) -> None:
     call = asyncio.create_task(simulate_call(service.sim(texts=["Goodbye now, and thank you."], linger_s=30.0), 0))
-    async with aiohttp.ClientSession(headers=service.headers) as http:
-        sid = None
-        for _ in range(200):
-            async with http.get(f"{service.base}/calls") as resp:
-                calls = (await resp.json())["calls"]
-            if calls and calls[0]["state"] == "active":
-                sid = calls[0]["call_sid"]
-                break
-            await asyncio.sleep(0.05)
-        assert sid is not None
-        await asyncio.sleep(3.0)
-        async with http.post(f"{service.base}/calls/{sid}/hangup") as resp:
-            assert resp.status == 202
+    calls = service.app[SERVICES].calls
+    await until(lambda: any(c.history and c.history[-1].state.value == "done" for c in calls.values()),
+                "the call's turn has played")
+    [sid] = calls
+    async with aiohttp.ClientSession(headers=service.headers) as http, \
+            http.post(f"{service.base}/calls/{sid}/hangup") as resp:
+        assert resp.status == 202
     report = (await call).to_json()
     assert report["ended_by"] == "rest"
     assert any(r.call_sid == sid for r in service.rest.requests)
@@ -266,15 +274,11 @@ async def test_control_api_errors(service: Service) -> None:
         h = service.headers
         async with http.post(f"{service.base}/calls/CAnope/turns", json={"text": "hi"}, headers=h) as resp:
             assert resp.status == 404
-        sid = None
-        for _ in range(200):
-            async with http.get(f"{service.base}/calls", headers=h) as resp:
-                calls = (await resp.json())["calls"]
-            if calls and calls[0]["state"] == "active":
-                sid = calls[0]["call_sid"]
-                break
-            await asyncio.sleep(0.05)
-        assert sid is not None
+        live = service.app[SERVICES].calls
+        await until(lambda: any(c.state.value == "active" for c in live.values()), "the call is active")
+        async with http.get(f"{service.base}/calls", headers=h) as resp:
+            [listed] = (await resp.json())["calls"]
+        sid = listed["call_sid"]
         turns = f"{service.base}/calls/{sid}/turns"
         async with http.post(turns, json={"text": "x" * 5000}, headers=h) as resp:
             assert resp.status == 413

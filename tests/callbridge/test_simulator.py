@@ -12,6 +12,7 @@ import base64
 import itertools
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ class Script:
     lead_chunks: int = 3  # sent at once; the rest paced at 20 ms
     greeting: bool = False  # speak turn "g" right after start when the webhook asks for it
     misbehave: bool = False  # send one of each kind of bad message before the first turn
-    clear_after_s: float | None = None  # send clear this long after a turn's audio went out
+    clear_after_echoes: int | None = None  # send clear once this many of a turn's marks have echoed
     barge_in: bool = False  # send clear when the caller gets loud
     hang_up_rest_url: str | None = None  # hang up through Twilio's REST API after the first turn
     reject: bool = False
@@ -80,7 +81,17 @@ class FakeCall:
     interrupted: bool = False
     got_stop: bool = False
     closed: bool = False
+    # Set on every echo and at close: the fake's waits are on these, never on a clock.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     rest_answers: list[tuple[int, Any]] = field(default_factory=list)
+
+
+    async def until(self, ready: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        """Wait for ``ready`` on the call's echoes and close (bounded: only a hang fails)."""
+        async with asyncio.timeout(timeout_s):
+            while not ready():
+                self.changed.clear()
+                await self.changed.wait()
 
 
 class FakeService:
@@ -157,6 +168,7 @@ class FakeService:
                 speaker = asyncio.create_task(self.speaker(call))
             elif event == "mark":
                 call.echoes.append(data["mark"]["name"])
+                call.changed.set()
             elif event == "dtmf":
                 call.dtmf.append(data["dtmf"]["digit"])
                 await self.emit(call, {"event": "dtmf", "digit": data["dtmf"]["digit"]})
@@ -168,6 +180,7 @@ class FakeService:
                     call.interrupted = True
                     await ws.send_json({"event": "clear", "streamSid": call.stream_sid})
         call.closed = True
+        call.changed.set()
         if speaker is not None:
             speaker.cancel()
         await self.emit(call, {"event": "call_ended"})
@@ -217,13 +230,12 @@ class FakeService:
             await ws.send_json({"event": "mark", "streamSid": sid, "mark": {"name": name}})
             if i == 0:
                 await self.emit(call, {"event": "first_audio", "turn_id": turn_id})
-        if self.script.clear_after_s is not None:
-            await asyncio.sleep(self.script.clear_after_s)
+        if self.script.clear_after_echoes is not None:
+            await call.until(lambda: sum(n in call.echoes for n in names) >= self.script.clear_after_echoes
+                             or call.closed)
             await ws.send_json({"event": "clear", "streamSid": sid})
-        for _ in range(500):  # until the marks come back: the audio was played (or cleared)
-            if set(names) <= set(call.echoes):
-                break
-            await asyncio.sleep(0.01)
+        # Until the marks come back (the audio was played, or cleared) or the caller hung up.
+        await call.until(lambda: set(names) <= set(call.echoes) or call.closed)
         heard = [n for n in names if n in call.echoes]
         await self.emit(call, {"event": "turn_done", "turn_id": turn_id, "interrupted": call.interrupted,
                                "heard": heard, "state": "interrupted" if call.interrupted else "done"})
@@ -455,15 +467,12 @@ async def test_misbehaving_service_is_reported_with_twilio_codes_and_network_dro
         assert words in text
     assert report.chunks == 2 and report.marks_echoed == 2  # the bad messages were not acted on
     assert report.ended_by == "network_drop" and not report.ok
-    for _ in range(200):  # the fake notices the dropped connection on its own schedule
-        if call.closed:
-            break
-        await asyncio.sleep(0.01)
-    assert call.closed and not call.got_stop
+    await call.until(lambda: call.closed)  # the fake notices the dropped connection on its own schedule
+    assert not call.got_stop
 
 
 async def test_clear_empties_the_queue_and_echoes_every_pending_mark(start_fake, tmp_path: Path) -> None:
-    fake = await start_fake(Script(chunks_per_turn=50, lead_chunks=50, clear_after_s=0.1))
+    fake = await start_fake(Script(chunks_per_turn=50, lead_chunks=50, clear_after_echoes=1))
     report = await simulate_call(sim_config(fake.base_url, texts=["A long answer."], out_wav=tmp_path / "h.wav"), 0)
     call = fake.only_call()
 
