@@ -231,7 +231,10 @@ async def test_a_bad_message_ends_that_call_only(service: Service, bad: str) -> 
 
 
 async def test_ten_simultaneous_calls_lose_nothing(service: Service) -> None:
-    cfg = service.sim(texts=["Thanks for calling, goodbye."], calls=10)
+    # Streamed turns: each simulated caller hangs up on the turn's turn_done event and an empty
+    # queue. A POSTed turn ends in the simulator after 0.5 s of silence (it gets no events), a
+    # clock that a loaded machine's pause mid-turn can fool (a mark then arrives after the stop).
+    cfg = service.sim(texts=["Thanks for calling, goodbye."], calls=10, stream_text=True)
     reports = [r.to_json() for r in await run_simulation(cfg)]
     assert len(reports) == 10
     for report in reports:
