@@ -77,7 +77,9 @@ class Service:
         return SimConfig(**defaults)
 
     def healthy_call(self, index: int = 0) -> asyncio.Task[Any]:
-        return asyncio.create_task(simulate_call(self.sim(texts=[HEALTHY_TEXT]), index))
+        # A streamed turn: the simulated caller hangs up on its turn_done event, not after the
+        # 0.5 s of silence that ends a POSTed turn in the simulator (a clock a loaded machine fools).
+        return asyncio.create_task(simulate_call(self.sim(texts=[HEALTHY_TEXT], stream_text=True), index))
 
     async def shutdown(self) -> None:
         if not self.cleaned:
