@@ -104,6 +104,7 @@ async def test_a_worker_fault_plays_the_fallback_pauses_admission_and_the_servic
         async with raw_call(service, 800) as call:
             await holding_turn(call)
             faults.gate.clear()  # hold the restart's warm-up, to see the service while it restarts
+            faults.building.clear()  # set by the first build: wait for the restart's own
             faults.escape = RuntimeError("injected fault")
             await states.reach(WorkerState.FAULTED)
             faults.escape = None

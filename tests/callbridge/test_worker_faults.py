@@ -156,6 +156,7 @@ async def test_a_fault_fails_the_live_turn_refuses_new_ones_and_a_restart_serves
                                reservation=reservation)
     faults.escape = None
     faults.gate.clear()
+    faults.building.clear()  # set by the first build: wait for the restart's own
     restarting = asyncio.create_task(asyncio.to_thread(worker.restart))
     await asyncio.to_thread(faults.building.wait, WAIT_S)
     with pytest.raises(TurnFailed, match="warming up again"):  # no silent wait behind a warm-up
