@@ -59,6 +59,7 @@ from typing import Any, Final, TypeVar
 
 from dia2 import (
     AudioFrame,
+    DeviceLost,
     Dia2,
     GenerationConfig,
     SamplingParams,
@@ -442,6 +443,7 @@ class TtsWorker:
         self._live: dict[TurnHandle, _Live] = {}  # worker thread only
         self._state = WorkerState.STARTING  # guarded by the lock; changed by _set_state only
         self._fault: str | None = None  # why it is FAULTED
+        self._device_lost = False  # the fault was dia2.DeviceLost: no restart in this process helps
         self._starts = 0  # threads started (1 + restarts)
         self._failed_steps = 0  # steps in a row that failed every stream (worker thread)
         self._last_step_error: str | None = None
@@ -467,6 +469,8 @@ class TtsWorker:
         Raises :class:`TtsError` unless the worker is FAULTED, :class:`WorkerClosed` once stopped.
         """
         state = self.state
+        if self._device_lost:
+            raise TtsError(f"worker {self.name}: the device is lost ({self.fault}); only a new process can use it")
         if state is not WorkerState.FAULTED:
             if state is WorkerState.STOPPED:
                 raise WorkerClosed(f"worker {self.name} is stopped")
@@ -513,6 +517,12 @@ class TtsWorker:
         if state is WorkerState.FAULTED:
             return self._fault or "the worker thread is not running"
         return None
+
+    @property
+    def device_lost(self) -> bool:
+        """The worker faulted on :class:`dia2.DeviceLost`: unrecoverable in this process (every
+        later call on the device fails), so :meth:`restart` refuses; the process must be restarted."""
+        return self._device_lost
 
     def add_state_listener(self, listener: Callable[[WorkerState, str | None], None]) -> None:
         """``listener(state, reason)`` on every change, called on the thread that made it (any thread)."""
@@ -719,6 +729,7 @@ class TtsWorker:
             self._runner = runner
             seconds = self._warm_up() if warm_up else 0.0
         except Exception as exc:
+            self._device_lost = isinstance(exc, DeviceLost)
             fault = f"start-up failed: {type(exc).__name__}: {exc}"
             log.error("tts worker %s: %s", self.name, fault, exc_info=exc)
             return fault
@@ -739,6 +750,8 @@ class TtsWorker:
                     self._step(runner, outbox)
             except Exception as exc:  # escaped the runner's own isolation: the runner is suspect
                 self._flush(outbox)
+                # Set before the fault is announced (_fail_everything): a listener sees it.
+                self._device_lost = isinstance(exc, DeviceLost)
                 log.error("tts worker %s: step loop error", self.name, exc_info=exc)
                 return f"step loop error: {type(exc).__name__}: {exc}"
             self._flush(outbox)

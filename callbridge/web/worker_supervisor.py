@@ -6,8 +6,11 @@ failed already (their calls play the fallback audio) and it admits nothing. The 
 a task on the event loop, then restarts it: at most ``max_restarts`` times within
 ``window_s``, waiting ``backoff_s`` × (restarts in the window) before each try, with an ERROR
 line per fault. Past that bound it gives up with a CRITICAL line and the service stays
-unready (``/healthz`` 503, ``failed``), so that a liveness probe restarts the process, which
-is what a lost CUDA context needs (a process cannot get its context back).
+unready (``/healthz`` 503, ``failed``), so that a liveness probe restarts the process.
+
+A fault on :class:`dia2.DeviceLost` (the CUDA context is gone) is not restarted at all: a
+process cannot get its context back, so a restart in it would only fail again. The supervisor
+goes straight to ``failed`` with a CRITICAL line saying the process must be restarted.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class WorkerSupervisor:
         self.window_s = window_s
         self.backoff_s = backoff_s
         self.gave_up: str | None = None  # the fault it stopped restarting after
+        self.device_lost = False  # it gave up because the device is lost (no restart was tried)
         self.restarts = 0
         self._restart_times: deque[float] = deque()
         self._loop = asyncio.get_running_loop()
@@ -75,6 +79,9 @@ class WorkerSupervisor:
         self.metrics.tts_worker_ready.set(state is WorkerState.READY)
         if state is WorkerState.READY:
             return Readiness("ok")
+        if self.device_lost:
+            return Readiness("failed", f"the TTS worker lost its device ({self.gave_up}); "
+                                       "restart the process: no restart inside it can recover the device")
         if self.gave_up is not None:
             return Readiness("failed", f"the TTS worker failed {self.restarts + 1} times and is not restarted "
                                        f"any more (last: {self.gave_up}); restart the service")
@@ -99,11 +106,20 @@ class WorkerSupervisor:
         while True:
             state, reason = await self._changes.get()
             self.metrics.tts_worker_ready.set(state is WorkerState.READY)
-            if state is WorkerState.FAULTED:
+            if state is WorkerState.FAULTED and self.worker.device_lost:
+                self._give_up_device_lost(reason or "device lost")
+            elif state is WorkerState.FAULTED:
                 await self._restart(reason or "unknown fault")
             self._changed.set()
             if state is WorkerState.STOPPED:
                 return
+
+    def _give_up_device_lost(self, reason: str) -> None:
+        self.metrics.tts_worker_faults_total.inc()
+        self.gave_up = reason
+        self.device_lost = True
+        log.critical("tts worker %s lost its device (%s): unrecoverable in this process, not restarting it; "
+                     "the service admits no calls: the process must be restarted", self.worker.name, reason)
 
     async def _restart(self, reason: str) -> None:
         self.metrics.tts_worker_faults_total.inc()

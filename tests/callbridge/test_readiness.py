@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 
 from callbridge.sim import FakeTwilioRest, simulate_call
-from callbridge.tts import TurnFailed, WorkerState
+from callbridge.tts import TtsError, TurnFailed, WorkerState
 from callbridge.web.app import build_app
-from dia2 import Dia2, GenerationConfig
+from dia2 import DeviceLost, Dia2, GenerationConfig
 
 from .test_hardening import (
     HEALTHY_TEXT,
@@ -154,3 +154,36 @@ async def test_the_service_gives_up_after_bounded_restarts_and_says_so(tiny_runt
         assert status == 503 and body["status"] == "failed" and "restart the service" in body["reason"]
         assert "<Reject" in await webhook(service, 900)
         assert await metric(service, "callbridge_tts_worker_faults_total") == 3
+
+
+async def test_a_lost_device_is_not_restarted_in_process_and_the_service_says_restart_it(
+    tiny_runtime: Dia2, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dia2.DeviceLost (the CUDA context is gone) cannot be recovered in this process: the
+    supervisor does not rebuild the runner, goes straight to failed and says the process must be
+    restarted (CRITICAL). Injected through the runner factory, on the CPU."""
+    faults = Faults(tiny_runtime)
+    async with running(tiny_runtime, tmp_path, faults) as service:
+        supervisor, worker, voices = service.svc.supervisor, service.svc.worker, service.svc.voices
+        assert supervisor is not None and worker is not None and voices is not None
+        builds = faults.builds
+        faults.escape = DeviceLost("the cuda:0 context failed during a step (injected)")
+        states = States(worker)
+        turn = await worker.open_turn(voices.get(None).snapshot, GenerationConfig(), turn_id="t", text="Hi.",
+                                      close=True)
+        await states.reach(WorkerState.FAULTED)
+        with pytest.raises(TurnFailed, match="DeviceLost"):
+            async for _ in turn.frames():
+                pass
+        readiness = await supervisor.settled()
+        assert readiness.status == "failed" and supervisor.restarts == 0 and worker.device_lost
+        assert faults.builds == builds  # no runner was rebuilt on the lost device
+        with pytest.raises(TtsError, match="device is lost"):
+            worker.restart()
+        status, body = await health(service)
+        assert status == 503 and body["status"] == "failed" and "restart the process" in body["reason"]
+        assert "<Reject" in await webhook(service, 901)
+        assert await metric(service, "callbridge_tts_worker_faults_total") == 1
+        assert await metric(service, "callbridge_tts_worker_restarts_total") == 0
+        critical = [r for r in caplog.records if r.levelname == "CRITICAL" and r.name.endswith("worker_supervisor")]
+        assert len(critical) == 1 and "the process must be restarted" in critical[0].getMessage()
