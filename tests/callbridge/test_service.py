@@ -254,7 +254,7 @@ async def test_full_service_rejects_the_next_call(tiny_runtime: Dia2, tmp_path: 
 async def test_hang_up_through_the_api(service: Service) -> None:
     call = asyncio.create_task(simulate_call(service.sim(texts=["Goodbye now, and thank you."], linger_s=30.0), 0))
     calls = service.app[SERVICES].calls
-    await until(lambda: any(c.history and c.history[-1].state.value == "done" for c in calls.values()),
+    await until(lambda: any(c.turns.history and c.turns.history[-1].state.value == "done" for c in calls.values()),
                 "the call's turn has played")
     [sid] = calls
     async with aiohttp.ClientSession(headers=service.headers) as http, \
