@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from dia2 import GenerationConfig, SamplingParams, StreamStatus
+from dia2 import MAX_TOP_K, GenerationConfig, SamplingParams, StreamStatus
 
 from ..audio import OutboundAudio
 from ..calls.turns import open_word_after
@@ -58,7 +58,7 @@ def _config(msg: dict[str, Any], base: GenerationConfig, seed: int) -> Generatio
             raise RequestError(f"'{key}' must be a number in [{lo}, {hi}]")
         return float(value)
 
-    top_k = num("top_k", base.audio.top_k, 0, 2048)
+    top_k = num("top_k", base.audio.top_k, 0, MAX_TOP_K)  # 0: no cut; the engine refuses larger cuts
     return dataclasses.replace(
         base,
         audio=SamplingParams(num("temperature", base.audio.temperature, 0.0, 5.0), int(top_k)),
