@@ -84,10 +84,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .startup import check_device, check_secrets, public_url_warning
+    from .startup import check_device, check_sampling, check_secrets, public_url_warning
 
     settings = load_settings(args.config)
     check_secrets(settings)
+    check_sampling(settings)
     check_device(settings)
     warning = public_url_warning(settings)
     if warning:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from dia2 import Dia2, is_random_checkpoint, resolve_random_model
+from dia2 import MAX_TOP_K, Dia2, is_random_checkpoint, resolve_random_model
 
 from .config import Settings, SettingsError, default_cache_dir
 from .voices import VoiceRegistry
@@ -30,6 +30,14 @@ def check_secrets(settings: Settings) -> None:
                             "(set it, or auth.enabled = false for local use only)")
     if settings.twilio.validate_signatures and not settings.twilio.auth_token:
         raise SettingsError("twilio.validate_signatures is true but TWILIO_AUTH_TOKEN is not set")
+
+
+def check_sampling(settings: Settings) -> None:
+    """The step cuts top-k with one fixed-width ``topk`` (dia2.MAX_TOP_K): a larger cut would fail
+    every turn, so refuse it at start (config.py stays torch-free, so the bound is checked here)."""
+    if settings.tts.top_k > MAX_TOP_K:
+        raise SettingsError(f"tts.top_k = {settings.tts.top_k} is above the engine's limit {MAX_TOP_K}: "
+                            f"use 1…{MAX_TOP_K}, or 0 for no cut")
 
 
 PUBLIC_URL_WARNING = """

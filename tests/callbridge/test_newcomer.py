@@ -184,6 +184,16 @@ def test_bad_or_absent_device_is_one_line(env: pytest.MonkeyPatch, device: str, 
     assert expected in line and "CALLBRIDGE_DEVICE" in line
 
 
+def test_a_top_k_above_the_engines_cut_is_one_line_at_start(env: pytest.MonkeyPatch, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "callbridge.toml"
+    config.write_text("[tts]\ntop_k = 1000\n")
+    rc, _, err = run(["serve", "--config", str(config)], capsys)
+    line = one_error_line(rc, err)
+    assert "tts.top_k = 1000" in line and "0 for no cut" in line
+    assert not (tmp_path / "cache").exists()  # refused before any model is loaded or written
+
+
 def test_real_model_without_a_default_voice_says_how_to_build_it(
     env: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

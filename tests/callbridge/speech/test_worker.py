@@ -99,6 +99,13 @@ def started_worker(factory: Callable[[], Transcriber], **kw: Any) -> SpeechWorke
     return worker
 
 
+def gated_worker(**kw: Any) -> tuple[threading.Event, FakeTranscriber, SpeechWorker]:
+    """A started worker whose every decode waits for the returned gate to open."""
+    gate = threading.Event()
+    fake = FakeTranscriber(gate=gate)
+    return gate, fake, started_worker(lambda: fake, **kw)
+
+
 def job(uid: str, sink: Outcomes, seconds: float = 1.0) -> SpeechJob:
     return SpeechJob(uid, speechlike(seconds), LINE_RATE, asyncio.get_running_loop(), sink)
 
@@ -206,9 +213,7 @@ async def test_a_model_that_does_not_load_makes_every_utterance_unavailable() ->
 
 
 async def test_a_full_queue_refuses_the_new_utterance_and_keeps_the_earlier_ones() -> None:
-    gate = threading.Event()
-    fake = FakeTranscriber(gate=gate)
-    worker = started_worker(lambda: fake, queue_size=2)
+    gate, fake, worker = gated_worker(queue_size=2)
     sink = Outcomes()
     try:
         assert worker.submit(job("u1", sink)) is None
@@ -226,9 +231,7 @@ async def test_a_full_queue_refuses_the_new_utterance_and_keeps_the_earlier_ones
 
 
 async def test_stop_fails_waiting_utterances_as_unavailable() -> None:
-    gate = threading.Event()
-    fake = FakeTranscriber(gate=gate)
-    worker = started_worker(lambda: fake, queue_size=4)
+    gate, fake, worker = gated_worker(queue_size=4)
     sink = Outcomes()
     worker.submit(job("u1", sink))
     await asyncio.to_thread(fake.entered.wait, 30)
@@ -319,9 +322,7 @@ async def test_noise_and_silence_give_no_transcript() -> None:
 
 async def test_transcription_never_blocks_the_loop() -> None:
     """While the transcriber is busy, frames keep flowing and the next utterance is endpointed."""
-    gate = threading.Event()
-    fake = FakeTranscriber(gate=gate)
-    worker = started_worker(lambda: fake)
+    gate, fake, worker = gated_worker()
     events = Events()
     speech = CallerSpeech(events, worker)
     try:
@@ -366,9 +367,7 @@ async def test_without_a_worker_speech_events_still_flow() -> None:
 
 
 async def test_an_outcome_after_close_is_not_emitted() -> None:
-    gate = threading.Event()
-    fake = FakeTranscriber(gate=gate)
-    worker = started_worker(lambda: fake)
+    gate, fake, worker = gated_worker()
     events = Events()
     speech = CallerSpeech(events, worker)
     try:
