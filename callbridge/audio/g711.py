@@ -23,13 +23,17 @@ with warnings.catch_warnings():
         _audioop = None
 
 __all__ = [
+    "ALAW_SILENCE",
     "CHUNK_BYTES",
     "CHUNK_MS",
     "LINE_RATE",
     "ULAW_SILENCE",
+    "alaw_to_pcm16",
+    "pcm16_to_alaw_numpy",
     "pcm16_to_ulaw",
     "pcm16_to_ulaw_numpy",
     "ulaw_to_pcm16",
+    "ulaw_to_alaw",
     "ulaw_to_pcm16_numpy",
 ]
 
@@ -37,6 +41,7 @@ LINE_RATE: Final = 8000  # Hz, mu-law both ways
 CHUNK_MS: Final = 20  # one Twilio media chunk / one RTP packet
 CHUNK_BYTES: Final = LINE_RATE * CHUNK_MS // 1000  # 160: one mu-law byte per sample
 ULAW_SILENCE: Final = 0xFF  # mu-law of PCM 0
+ALAW_SILENCE: Final = 0xD5  # A-law of PCM 0 (SIP trunks that offer PCMA first)
 
 # CPython audioop's encoder (st_14linear2ulaw): it works on 14-bit samples, so its rounding
 # differs from the classic 16-bit formula on 381 negative inputs (twilio-media-streams.md §13).
@@ -101,3 +106,45 @@ def ulaw_to_pcm16(data: bytes | bytearray | memoryview) -> np.ndarray:
     if _audioop is None:
         return ulaw_to_pcm16_numpy(data)
     return np.frombuffer(_audioop.ulaw2lin(bytes(data), 2), dtype=np.int16).copy()
+
+
+# ---------------------------------------------------------------------------- A-law (SIP's PCMA)
+# The call core speaks mu-law only; a SIP leg that agreed PCMA converts at its edge, byte for
+# byte through 256-entry tables (mu-law → PCM → A-law is exact: every mu-law level is a 14-bit
+# value A-law's 13-bit encoder rounds the way audioop does).
+
+_ALAW_SEG_END: Final = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], dtype=np.int32)
+
+
+def pcm16_to_alaw_numpy(samples: np.ndarray) -> bytes:
+    """int16 PCM ``[N]`` → ``N`` A-law bytes; byte-exact with ``audioop.lin2alaw`` (13-bit form)."""
+    x = _as_pcm16(samples).astype(np.int32) >> 3
+    negative = x < 0
+    mask = np.where(negative, 0x55, 0xD5)
+    mag = np.where(negative, -x - 1, x)
+    seg = np.searchsorted(_ALAW_SEG_END, mag, side="left")
+    quant = np.where(seg < 2, mag >> 1, mag >> np.maximum(seg, 1)) & 0x0F
+    code = np.where(seg >= 8, 0x7F, (seg << 4) | quant)
+    return bytes((code ^ mask).astype(np.uint8).tobytes())
+
+
+def _alaw_decode_formula(alaw: np.ndarray) -> np.ndarray:
+    a = alaw.astype(np.int32) ^ 0x55
+    seg = (a & 0x70) >> 4
+    t = ((a & 0x0F) << 4) + np.where(seg == 0, 8, 0x108)
+    t = np.where(seg > 1, t << np.maximum(seg - 1, 0), t)
+    return np.where(a & 0x80, t, -t).astype(np.int16)
+
+
+_ALAW_DECODE_TABLE: Final = _alaw_decode_formula(np.arange(256, dtype=np.uint8))
+_ULAW_TO_ALAW: Final = pcm16_to_alaw_numpy(_DECODE_TABLE)  # 256 bytes, a bytes.translate table
+
+
+def ulaw_to_alaw(data: bytes | bytearray | memoryview) -> bytes:
+    """mu-law bytes → A-law bytes of the same samples (one table lookup per byte)."""
+    return bytes(data).translate(_ULAW_TO_ALAW)
+
+
+def alaw_to_pcm16(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """``N`` A-law bytes → a new int16 PCM array ``[N]``; equal to ``audioop.alaw2lin``."""
+    return _ALAW_DECODE_TABLE[np.frombuffer(data, dtype=np.uint8)]
