@@ -1,0 +1,275 @@
+"""The SIP server against a real SIP client (baresip) on 127.0.0.1: signalling, media, DTMF, access.
+
+Each scenario starts our :class:`SipServer` in-process and one headless baresip, and waits on
+events from both sides (baresip's ctrl_tcp events, our server's call events, the leg's caller
+events), never on a clock. Skipped where baresip is not installed (``scripts/test.sh``
+installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from callbridge.audio import CHUNK_BYTES, pcm16_to_ulaw
+from callbridge.calls.leg import CallerAudio, CallerDigit, LegEnded, LegEvent, MarkerPlayed
+from callbridge.transports.sip import AllowList, CallEnded, CallOffered, DigestAuth, MediaUpdated, parse_networks
+from callbridge.transports.sip.endpoint import Accept, Reject, SipServer
+from callbridge.transports.sip.leg import SipLeg
+
+from .baresip import BARESIP, Baresip, free_port_range
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(BARESIP is None, reason="baresip is not installed")]
+
+CALLER_HZ = 440.0
+BRIDGE_HZ = 1000.0
+
+
+def tone(hz: float, seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(8000 * seconds)) / 8000
+    return (amplitude * 32767 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+
+
+def dominant_hz(pcm: np.ndarray) -> float:
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64) * np.hanning(len(pcm))))
+    return float(np.fft.rfftfreq(len(pcm), 1 / 8000)[int(np.argmax(spectrum))])
+
+
+@pytest.fixture
+def caller_wav(tmp_path: Path) -> Path:
+    path = tmp_path / "caller.wav"
+    sf.write(path, tone(CALLER_HZ, 20.0), 8000, subtype="PCM_16")
+    return path
+
+
+class FakeCall:
+    """Stands in for the call core: records what the leg delivers."""
+
+    def __init__(self, leg: SipLeg) -> None:
+        self.leg = leg
+        self.events: asyncio.Queue[LegEvent] = asyncio.Queue()
+        self.audio: list[np.ndarray] = []
+        self.loud_frames = 0
+        self.heard_enough = asyncio.Event()
+
+    def on_leg_event(self, event: LegEvent) -> None:
+        if isinstance(event, CallerAudio):
+            self.audio.append(event.pcm16)
+            if np.abs(event.pcm16.astype(np.int32)).max() > 1000:
+                self.loud_frames += 1
+                if self.loud_frames >= 50:
+                    self.heard_enough.set()
+            return
+        self.events.put_nowait(event)
+
+    async def next(self, kind: type) -> Any:
+        while True:
+            event = await self.events.get()
+            if isinstance(event, kind):
+                return event
+
+    async def play(self, pcm: np.ndarray, marker: str) -> None:
+        ulaw = pcm16_to_ulaw(pcm)
+        for i in range(0, len(ulaw) - CHUNK_BYTES + 1, CHUNK_BYTES):
+            await self.leg.send_audio(ulaw[i:i + CHUNK_BYTES])
+        await self.leg.send_marker(marker)
+
+
+class Router:
+    def __init__(self, *, reject: int | None = None, ring_s: float = 0.0) -> None:
+        self.reject = reject
+        self.ring_s = ring_s
+        self.calls: asyncio.Queue[FakeCall] = asyncio.Queue()
+        self.released = 0
+
+    def decide(self, offer: CallOffered) -> Accept | Reject:
+        if self.reject is not None:
+            return Reject(self.reject)
+        return Accept(context=offer.to_user, release=self._release, ring_s=self.ring_s)
+
+    def _release(self) -> None:
+        self.released += 1
+
+    async def connected(self, leg: SipLeg, accept: Accept) -> None:
+        call = FakeCall(leg)
+        leg.attach(call)
+        await self.calls.put(call)
+
+
+class Observed:
+    """Our server's call events, in order."""
+
+    def __init__(self, server: SipServer) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        server.observers.append(self.queue.put_nowait)
+
+    async def next(self, kind: type) -> Any:
+        while True:
+            event = await self.queue.get()
+            if isinstance(event, kind):
+                return event
+
+
+@contextlib.asynccontextmanager
+async def sip_server(router: Router, *, allow: str = "127.0.0.1/32",
+                     digest: DigestAuth | None = None) -> AsyncIterator[SipServer]:
+    server = SipServer(listen=("127.0.0.1", 0), public_address="127.0.0.1", router=router,
+                       allow=AllowList(parse_networks(allow)), rtp_ports=free_port_range(10), digest=digest,
+                       media_timeout_s=10.0)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def dial(phone: Baresip, server: SipServer, number: str = "+15550100") -> None:
+    response = await phone.command("dial", f"sip:{number}@127.0.0.1:{server.port}")
+    assert response.get("ok"), response
+
+
+async def test_call_audio_both_ways_then_caller_hangs_up(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    async with sip_server(router) as server, Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        seen = Observed(server)
+        await dial(phone, server)
+        offered = await seen.next(CallOffered)
+        assert offered.to_user == "+15550100" and offered.media.codec == "PCMU"
+        await phone.wait_event("CALL_ESTABLISHED")
+        call = await router.calls.get()
+        assert call.leg.info.carrier == "sip" and call.leg.info.carrier_call_id == offered.call_id
+        await call.play(tone(BRIDGE_HZ, 1.0), "end")
+        assert (await call.next(MarkerPlayed)).name == "end"
+        await call.heard_enough.wait()  # the caller's tone reached us
+        heard_in = np.concatenate(call.audio)
+        assert abs(dominant_hz(heard_in[-4000:]) - CALLER_HZ) < 20
+        await phone.command("hangup")
+        assert (await seen.next(CallEnded)).reason == "hangup: caller"
+        assert (await call.next(LegEnded)).reason == "hangup: caller"
+        await phone.wait_event("CALL_CLOSED")
+        await call.leg.close("hangup: caller", 1.0)
+        sender = call.leg.sender
+        assert sender.audio_chunks_sent == 50 and sender.slots_skipped == 0
+    # What baresip heard (its decoder's output): the bridge's tone, one second of it, not silence.
+    files = phone.heard_files()
+    assert files, phone.log[-20:]
+    heard, rate = sf.read(files[0], dtype="int16")
+    assert rate == 8000
+    loud = np.flatnonzero(np.abs(heard.astype(np.int32)) > 2000)
+    assert loud.size, "baresip heard only silence"
+    burst = heard[loud[0]:loud[-1] + 1]
+    assert 0.9 * 8000 <= len(burst) <= 1.1 * 8000
+    assert abs(dominant_hz(burst) - BRIDGE_HZ) < 20
+
+
+async def test_dtmf_digits_arrive_as_events(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    async with sip_server(router) as server, Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        await dial(phone, server)
+        await phone.wait_event("CALL_ESTABLISHED")
+        call = await router.calls.get()
+        digits = []
+        for digit in "19*#":
+            await phone.command("sndcode", digit)
+            digits.append((await call.next(CallerDigit)).digit)
+        assert digits == list("19*#")
+        await phone.command("hangup")
+        await call.next(LegEnded)
+
+
+async def test_bridge_hang_up_sends_bye(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    async with sip_server(router) as server, Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        await dial(phone, server)
+        await phone.wait_event("CALL_ESTABLISHED")
+        call = await router.calls.get()
+        await call.leg.hang_up()
+        assert (await call.next(LegEnded)).reason == "hangup: bridge"
+        closed = await phone.wait_event("CALL_CLOSED")
+        assert closed["param"] == "Connection reset by peer"  # baresip's words for a BYE from the far end
+        await call.leg.close("hangup: bridge", 1.0)
+        assert not server.legs
+
+
+async def test_cancel_while_ringing(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router(ring_s=60.0)
+    async with sip_server(router) as server, Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        seen = Observed(server)
+        await dial(phone, server)
+        await phone.wait_event("CALL_RINGING")
+        await phone.command("hangup")  # before the answer: a CANCEL
+        assert (await seen.next(CallEnded)).reason == "hangup: cancelled"
+        await phone.wait_event("CALL_CLOSED")
+        assert router.released == 1 and router.calls.empty()
+
+
+async def test_hold_and_resume_are_answered_with_mirrored_direction(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    async with sip_server(router) as server, Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        seen = Observed(server)
+        await dial(phone, server)
+        await phone.wait_event("CALL_ESTABLISHED")
+        call = await router.calls.get()
+        await phone.command("hold")
+        held = await seen.next(MediaUpdated)
+        assert held.media.direction == "recvonly" and not call.leg.sender.sending
+        await phone.command("resume")
+        resumed = await seen.next(MediaUpdated)
+        assert resumed.media.direction == "sendrecv" and call.leg.sender.sending
+        await call.play(tone(BRIDGE_HZ, 0.2), "after-resume")
+        assert (await call.next(MarkerPlayed)).name == "after-resume"
+        await phone.command("hangup")
+        await call.next(LegEnded)
+
+
+async def test_digest_challenge_then_call(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    auth = DigestAuth(username="trunk", password="pw-from-env")
+    async with sip_server(router, digest=auth) as server, \
+            Baresip(tmp_path / "phone", caller_wav=caller_wav, auth=("trunk", "pw-from-env")) as phone:
+        await dial(phone, server)
+        await phone.wait_event("CALL_ESTABLISHED")
+        assert server.uas is not None and server.uas.counters.get("auth_missing") == 1
+        call = await router.calls.get()
+        await phone.command("hangup")
+        await call.next(LegEnded)
+
+
+async def test_wrong_digest_password_never_connects(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    auth = DigestAuth(username="trunk", password="right")
+    async with sip_server(router, digest=auth) as server, \
+            Baresip(tmp_path / "phone", caller_wav=caller_wav, auth=("trunk", "wrong")) as phone:
+        await dial(phone, server)
+        await phone.wait_event("CALL_CLOSED")
+        assert server.uas is not None and server.uas.counters.get("auth_bad_response", 0) >= 1
+        assert router.calls.empty()
+
+
+@pytest.mark.parametrize("status", [404, 486, 503])
+async def test_rejected_call_is_closed_with_the_status(tmp_path: Path, caller_wav: Path, status: int) -> None:
+    router = Router(reject=status)
+    async with sip_server(router) as server, Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        await dial(phone, server)
+        closed = await phone.wait_event("CALL_CLOSED")
+        assert str(status) in str(closed.get("param", "")), closed
+
+
+async def test_stranger_is_dropped_without_an_answer(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    async with sip_server(router, allow="10.0.0.0/8") as server, \
+            Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        second = asyncio.Event()
+        server.datagram_observers.append(lambda data, src: server.datagrams_in >= 2 and second.set())
+        await dial(phone, server)
+        await second.wait()  # the INVITE and its retransmission (it heard nothing back)
+        assert server.datagrams_out == 0
+        assert server.uas is not None and server.uas.counters["dropped_stranger"] >= 2
+        await phone.command("hangup")
