@@ -116,6 +116,155 @@ class AgentSettings:
     timeout_s: float = 5.0
 
 
+# ---------------------------------------------------------------------------- [sip]
+
+
+@dataclass(frozen=True)
+class SipNumber:
+    """What a dialled number gets: a voice and a greeting (never from caller-supplied headers)."""
+
+    voice: str = ""  # "" = voices.default
+    greeting: str = ""  # "" = sip.greeting
+
+
+@dataclass(frozen=True)
+class SipNumbers:
+    """``[sip.numbers."+15550100"]`` tables: the dialled-number map, checked at load."""
+
+    entries: tuple[tuple[str, SipNumber], ...] = ()
+
+    @classmethod
+    def from_config(cls, value: Any, key: str) -> SipNumbers:
+        if not isinstance(value, dict):
+            raise SettingsError(f"{key}: expected a table of numbers, e.g. [{key}.\"+15550100\"]")
+        out = []
+        for number, entry in value.items():
+            if not isinstance(entry, dict) or set(entry) - {"voice", "greeting"}:
+                raise SettingsError(f"{key}.{number}: expected a table with voice and/or greeting")
+            if not all(isinstance(v, str) for v in entry.values()):
+                raise SettingsError(f"{key}.{number}: voice and greeting must be strings")
+            out.append((number, SipNumber(**entry)))
+        return cls(tuple(out))
+
+    def get(self, number: str) -> SipNumber | None:
+        return dict(self.entries).get(number)
+
+
+@dataclass(frozen=True)
+class SipTrunkEntry:
+    allow: str  # comma-separated CIDRs
+    digest: bool = True
+
+
+@dataclass(frozen=True)
+class SipTrunks:
+    """``[sip.trunks.NAME]`` tables (``allow = "CIDRs"``, ``digest = true|false``), in file order."""
+
+    entries: tuple[tuple[str, SipTrunkEntry], ...] = ()
+
+    @classmethod
+    def from_config(cls, value: Any, key: str) -> SipTrunks:
+        if not isinstance(value, dict):
+            raise SettingsError(f"{key}: expected a table of trunks, e.g. [{key}.carrier]")
+        out = []
+        for name, entry in value.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("allow"), str) \
+                    or set(entry) - {"allow", "digest"} or not isinstance(entry.get("digest", True), bool):
+                raise SettingsError(f'{key}.{name}: expected allow = "CIDR, ..." and optionally digest = true|false')
+            out.append((name, SipTrunkEntry(**entry)))
+        return cls(tuple(out))
+
+
+@dataclass(frozen=True)
+class SipSettings:
+    listen: str = ""  # host:port; SIP is off when empty (env CALLBRIDGE_SIP_LISTEN)
+    public_ip: str = ""  # IP in our Contact and SDP; "" = the listen host
+    rtp_ports: str = "10000-10999"  # low-high, both ends inclusive
+    codecs: str = "PCMU,PCMA"  # what we accept, in our order of preference when the offer allows
+    allow: str = ""  # comma-separated CIDRs of the default trunk (env CALLBRIDGE_SIP_ALLOW)
+    trunks: SipTrunks = SipTrunks()
+    digest_user: str = ""  # digest auth for trunks that require it (env CALLBRIDGE_SIP_DIGEST_USER)
+    digest_password: str = field(default="", repr=False)  # env CALLBRIDGE_SIP_DIGEST_PASSWORD only
+    numbers: SipNumbers = SipNumbers()
+    unknown_numbers: str = "default"  # "default": default voice and greeting; "reject": 404
+    greeting: str = ""  # for numbers without their own
+    media_timeout_s: float = 30.0  # no RTP from the caller for this long ends the call (BYE)
+    max_message_bytes: int = 8192
+    max_messages_per_s: int = 20  # per source IP; more are dropped
+    full_status: int = 503  # answer when the bridge is full: 503 (another instance may take it) or 486
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+    def listen_addr(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def rtp_range(self) -> tuple[int, int]:
+        low, _, high = self.rtp_ports.partition("-")
+        return int(low), int(high)
+
+    def codec_list(self) -> tuple[str, ...]:
+        return tuple(c.strip().upper() for c in self.codecs.split(",") if c.strip())
+
+
+def _validate_sip(s: SipSettings) -> None:
+    import ipaddress
+
+    def bad(key: str, value: Any, why: str) -> SettingsError:
+        return SettingsError(f"sip.{key} = {value!r}: {why}")
+
+    if not s.enabled:
+        return
+    try:
+        host, port = s.listen_addr()
+        ipaddress.ip_address(host)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise bad("listen", s.listen, "expected IP:port, e.g. 0.0.0.0:5060 (CALLBRIDGE_SIP_LISTEN)") from None
+    public = s.public_ip or host
+    try:
+        if ipaddress.ip_address(public).is_unspecified:
+            raise bad("public_ip", s.public_ip, "set the address carriers reach us at when listening on 0.0.0.0 "
+                      "(CALLBRIDGE_SIP_PUBLIC_IP)")
+    except ValueError:
+        raise bad("public_ip", s.public_ip, "expected an IP address (CALLBRIDGE_SIP_PUBLIC_IP)") from None
+    try:
+        low, high = s.rtp_range()
+    except ValueError:
+        raise bad("rtp_ports", s.rtp_ports, "expected low-high, e.g. 10000-10999 (CALLBRIDGE_SIP_RTP_PORTS)") from None
+    if not 1024 <= low < high <= 65535:
+        raise bad("rtp_ports", s.rtp_ports, "expected 1024 <= low < high <= 65535")
+    codecs = s.codec_list()
+    if not codecs or set(codecs) - {"PCMU", "PCMA"}:
+        raise bad("codecs", s.codecs, "use PCMU and/or PCMA, comma-separated")
+    cidrs = [("allow", s.allow)] + [(f"trunks.{name}.allow", t.allow) for name, t in s.trunks.entries]
+    for key, text in cidrs:
+        for item in filter(None, (i.strip() for i in text.split(","))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise bad(key, text, f"{item!r} is not an IP address or CIDR block") from None
+    if not any(text.strip() for _, text in cidrs):
+        raise bad("allow", s.allow, "SIP is on but no source may call: list your carrier's or PBX's "
+                  "addresses (CALLBRIDGE_SIP_ALLOW=203.0.113.0/24)")
+    if bool(s.digest_user) != bool(s.digest_password):
+        raise bad("digest_user", s.digest_user, "set both CALLBRIDGE_SIP_DIGEST_USER and "
+                  "CALLBRIDGE_SIP_DIGEST_PASSWORD, or neither")
+    if s.unknown_numbers not in ("default", "reject"):
+        raise bad("unknown_numbers", s.unknown_numbers, 'use "default" or "reject"')
+    if s.full_status not in (486, 503):
+        raise bad("full_status", s.full_status, "use 486 or 503")
+    if s.media_timeout_s <= 0:
+        raise bad("media_timeout_s", s.media_timeout_s, "must be > 0")
+    if s.max_message_bytes < 1500:
+        raise bad("max_message_bytes", s.max_message_bytes, "must be at least 1500")
+    if s.max_messages_per_s < 1:
+        raise bad("max_messages_per_s", s.max_messages_per_s, "must be at least 1")
+
+
 @dataclass(frozen=True)
 class SpeechSettings:
     """Caller speech: endpointing and speech-to-text (callbridge.speech)."""
@@ -152,6 +301,7 @@ class Settings:
     calls: CallSettings = CallSettings()
     agent: AgentSettings = AgentSettings()
     speech: SpeechSettings = SpeechSettings()
+    sip: SipSettings = SipSettings()
 
     def with_(self, **sections: dict[str, Any]) -> Settings:
         """A copy with some keys replaced, e.g. ``with_(server={"port": 0})`` (validated)."""
@@ -182,12 +332,20 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
     "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
     "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
+    "CALLBRIDGE_SIP_LISTEN": ("sip", "listen"),
+    "CALLBRIDGE_SIP_PUBLIC_IP": ("sip", "public_ip"),
+    "CALLBRIDGE_SIP_ALLOW": ("sip", "allow"),
+    "CALLBRIDGE_SIP_RTP_PORTS": ("sip", "rtp_ports"),
+    "CALLBRIDGE_SIP_DIGEST_USER": ("sip", "digest_user"),
+    "CALLBRIDGE_SIP_DIGEST_PASSWORD": ("sip", "digest_password"),
 }
-SECRET_KEYS = {("auth", "api_token"), ("twilio", "auth_token"), ("agent", "secret")}
+SECRET_KEYS = {("auth", "api_token"), ("twilio", "auth_token"), ("agent", "secret"), ("sip", "digest_password")}
 
 
 def _coerce(value: Any, default: Any, key: str) -> Any:
     target = type(default)
+    if hasattr(target, "from_config"):  # a nested table (sip.numbers, sip.trunks) parses itself
+        return target.from_config(value, key)
     if target is bool:
         if isinstance(value, bool):
             return value
@@ -274,6 +432,7 @@ def validate(s: Settings) -> None:
     if s.calls.max_turn_chars < 1:
         raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
     _validate_speech(s.speech)
+    _validate_sip(s.sip)
 
 
 def _validate_speech(sp: SpeechSettings) -> None:

@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh "voice,speech,test"
+# A real SIP client for the SIP integration tests (they skip without it).
+if ! command -v baresip >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing baresip-core (SIP integration tests)"
+        apt-get install -y --no-install-recommends baresip-core >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends baresip-core >/dev/null; }
+    else
+        echo "==> baresip not found and not root: the SIP integration tests will be skipped"
+    fi
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "==> ruff"
 .venv/bin/ruff check dia2 callbridge tests bench

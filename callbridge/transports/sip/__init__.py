@@ -5,7 +5,7 @@ Sans-I/O modules decide (``message``, ``sdp``, ``digest``, ``access``, ``transac
 (``endpoint``, ``leg``) only moves datagrams and time into them.
 """
 
-from .access import AllowList, RateLimiter, parse_networks
+from .access import AllowList, RateLimiter, Trunk, parse_networks
 from .digest import DigestAuth
 from .sdp import CODECS, Answer, SdpError, negotiate, parse_sdp
 from .uas import (
@@ -34,6 +34,7 @@ __all__ = [
     "RateLimiter",
     "SdpError",
     "Send",
+    "Trunk",
     "UasSettings",
     "UserAgentServer",
     "negotiate",

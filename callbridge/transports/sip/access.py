@@ -11,7 +11,7 @@ import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-__all__ = ["AllowList", "RateLimiter", "parse_networks"]
+__all__ = ["AllowList", "RateLimiter", "Trunk", "parse_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -31,19 +31,41 @@ def parse_networks(text: str) -> tuple[Network, ...]:
 
 
 @dataclass(frozen=True)
-class AllowList:
-    """Source addresses that may send SIP. Empty: nobody (SIP on with no allow-list admits nothing)."""
+class Trunk:
+    """A named set of source networks (a carrier's signalling ranges, a PBX's address).
 
+    ``digest``: calls from it must also pass digest auth (when a password is configured).
+    """
+
+    name: str
     networks: tuple[Network, ...]
+    digest: bool = True
 
-    def allows(self, host: str) -> bool:
+
+@dataclass(frozen=True)
+class AllowList:
+    """Trunks whose sources may send SIP, first match wins. Empty: nobody may."""
+
+    trunks: tuple[Trunk, ...]
+
+    @classmethod
+    def of(cls, cidrs: str, *, name: str = "default", digest: bool = True) -> AllowList:
+        return cls((Trunk(name, parse_networks(cidrs), digest),))
+
+    def match(self, host: str) -> Trunk | None:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return False
+            return None
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks)
+        for trunk in self.trunks:
+            if any(ip in net for net in trunk.networks):
+                return trunk
+        return None
+
+    def allows(self, host: str) -> bool:
+        return self.match(host) is not None
 
 
 @dataclass

@@ -146,11 +146,12 @@ class SipServer:
                  self.rtp_ports.high)
 
     async def stop(self, timeout_s: float = 2.0) -> None:
+        """Shutdown: every call gets BYE (480 if not answered yet) and its leg LegEnded, then sockets close."""
+        for handle in list(self._calls):
+            self.hang_up(handle, "hangup: shutdown")
         for pending in list(self._calls.values()):
             if pending.leg is not None:
-                await pending.leg.close("shutdown", timeout_s)
-        for handle in list(self._calls):
-            self._run(self._uas().hang_up(handle, self._now(), "hangup: shutdown"))
+                await pending.leg.close("hangup: shutdown", timeout_s)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

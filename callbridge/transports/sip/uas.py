@@ -22,7 +22,7 @@ from typing import Final
 
 from sipmessage import URI, Address
 
-from .access import AllowList, RateLimiter
+from .access import AllowList, RateLimiter, Trunk
 from .dialog import CallState, SessionTimer, SipCall, address_without_tag
 from .digest import DigestAuth
 from .message import (
@@ -85,6 +85,7 @@ class CallOffered:
     from_user: str  # caller data
     source: Addr
     media: Answer
+    trunk: str = ""  # the allow-list entry the call came in by
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ class UserAgentServer:
 
     def receive(self, data: bytes, source: Addr, now: float) -> list[Action]:
         """One datagram from ``source``."""
-        if not self.allow.allows(source[0]):
+        trunk = self.allow.match(source[0])
+        if trunk is None:
             self._count("dropped_stranger")
             return []
         if not self.limiter.allow(source[0], now):
@@ -176,7 +178,7 @@ class UserAgentServer:
                 return self._reply_once(msg, source, 481, now)
             return self._in_dialog(self.calls[handle], msg, source, now)
         if msg.method == "INVITE":
-            return self._on_invite(msg, source, now)
+            return self._on_invite(msg, source, trunk, now)
         if msg.method == "OPTIONS":
             return self._reply_once(msg, source, 200, now, headers={"Allow": ALLOW, "Accept": "application/sdp"})
         if msg.method == "BYE":
@@ -196,8 +198,8 @@ class UserAgentServer:
 
     # ------------------------------------------------------------------ new calls
 
-    def _on_invite(self, req: Request, source: Addr, now: float) -> list[Action]:
-        if self.digest is not None:
+    def _on_invite(self, req: Request, source: Addr, trunk: Trunk, now: float) -> list[Action]:
+        if self.digest is not None and trunk.digest:
             header = req.headers.get("Proxy-Authorization") or req.headers.get("Authorization")
             result = self.digest.check(header, "INVITE", now)
             if not result.ok:
@@ -251,7 +253,7 @@ class UserAgentServer:
         self._count("calls_offered")
         sent = self.transactions.respond(tx, build_response(req, 100), now)
         return [Send(sent.data, sent.dest), CallOffered(call.handle, call.call_id, call.to_user,
-                                                        call.from_user, source, answer)]
+                                                        call.from_user, source, answer, trunk.name)]
 
     def ring(self, handle: str, now: float) -> list[Action]:
         """Send 180 Ringing (the caller hears ringback until :meth:`answer`)."""

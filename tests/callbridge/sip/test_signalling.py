@@ -17,6 +17,7 @@ from callbridge.transports.sip import (
     MediaUpdated,
     RateLimiter,
     Send,
+    Trunk,
     UasSettings,
     UserAgentServer,
     parse_networks,
@@ -33,7 +34,7 @@ RTP_PORT = 30000
 def make_uas(*, allow: str = "127.0.0.0/8", digest: DigestAuth | None = None, rate: float = 1000.0) -> UserAgentServer:
     return UserAgentServer(
         settings=UasSettings(public_address=BRIDGE_IP, port=BRIDGE_PORT),
-        allow=AllowList(parse_networks(allow)),
+        allow=AllowList.of(allow),
         limiter=RateLimiter(rate_per_s=rate, burst=rate),
         digest=digest,
     )
@@ -397,3 +398,21 @@ def test_ended_calls_are_forgotten_after_the_transaction_timeout() -> None:
     uas.receive(request("BYE", branch="z9hG4bK-b", cseq=2, to_tag=tag), CARRIER, 1.0)
     uas.tick(1.0 + TIMEOUT)
     assert handle not in uas.calls and not uas.transactions.server
+
+
+def test_trunks_first_match_decides_digest() -> None:
+    auth = DigestAuth(username="pbx", password="pw")
+    uas = UserAgentServer(
+        settings=UasSettings(public_address=BRIDGE_IP, port=BRIDGE_PORT),
+        allow=AllowList((Trunk("carrier", parse_networks("127.0.0.1/32"), digest=False),
+                         Trunk("pbx", parse_networks("127.0.0.0/8"), digest=True))),
+        limiter=RateLimiter(rate_per_s=100, burst=100), digest=auth,
+    )
+    carrier = uas.receive(invite(), CARRIER, 0.0)
+    assert codes(carrier) == [100] and offered(carrier).trunk == "carrier"
+    assert codes(uas.receive(invite(call_id="c2", branch="z9hG4bK-p"), ("127.0.0.2", 5060), 0.0)) == [407]
+
+
+def test_allow_list_rejects_bad_cidr_with_the_entry_named() -> None:
+    with pytest.raises(ValueError, match="'10.0.0.300'"):
+        parse_networks("10.0.0.0/8, 10.0.0.300")

@@ -1,0 +1,70 @@
+"""The [sip] settings: defaults off, environment overrides, the number map and trunks, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callbridge.config import DEFAULT_CONFIG, SettingsError, load_settings
+
+ON = {"CALLBRIDGE_SIP_LISTEN": "127.0.0.1:5080", "CALLBRIDGE_SIP_ALLOW": "127.0.0.1/32"}
+
+
+def test_shipped_config_has_sip_off_with_every_default() -> None:
+    s = load_settings(DEFAULT_CONFIG, env={})
+    assert not s.sip.enabled and s.sip.rtp_range() == (10000, 10999) and s.sip.codec_list() == ("PCMU", "PCMA")
+
+
+def test_environment_turns_sip_on() -> None:
+    env = {**ON, "CALLBRIDGE_SIP_PUBLIC_IP": "203.0.113.9", "CALLBRIDGE_SIP_RTP_PORTS": "20000-20099",
+           "CALLBRIDGE_SIP_DIGEST_USER": "pbx", "CALLBRIDGE_SIP_DIGEST_PASSWORD": "pw"}
+    s = load_settings(DEFAULT_CONFIG, env=env).sip
+    assert s.enabled and s.listen_addr() == ("127.0.0.1", 5080) and s.public_ip == "203.0.113.9"
+    assert s.rtp_range() == (20000, 20099) and (s.digest_user, s.digest_password) == ("pbx", "pw")
+    assert "pw" not in repr(s)
+
+
+def test_numbers_and_trunks_tables(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("""
+[sip]
+listen = "127.0.0.1:5060"
+[sip.trunks.telnyx]
+allow = "192.0.2.0/24"
+digest = false
+[sip.numbers."+15550100"]
+voice = "anna"
+greeting = "Hi"
+""")
+    s = load_settings(path, env={}).sip
+    assert s.numbers.get("+15550100") is not None and s.numbers.get("+15550100").voice == "anna"  # type: ignore[union-attr]
+    assert s.numbers.get("+15550199") is None
+    assert s.trunks.entries[0][0] == "telnyx" and s.trunks.entries[0][1].digest is False
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"CALLBRIDGE_SIP_LISTEN": "5060"}, "sip.listen = '5060': expected IP:port"),
+    ({**ON, "CALLBRIDGE_SIP_LISTEN": "0.0.0.0:5060"}, "sip.public_ip"),
+    ({**ON, "CALLBRIDGE_SIP_RTP_PORTS": "20000"}, "sip.rtp_ports = '20000': expected low-high"),
+    ({**ON, "CALLBRIDGE_SIP_ALLOW": "10.0.0.0/33"}, "'10.0.0.0/33' is not an IP address or CIDR block"),
+    ({"CALLBRIDGE_SIP_LISTEN": "127.0.0.1:5060"}, "no source may call"),
+    ({**ON, "CALLBRIDGE_SIP_DIGEST_USER": "pbx"}, "CALLBRIDGE_SIP_DIGEST_PASSWORD"),
+])
+def test_bad_values_name_the_key_and_the_fix(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_settings(DEFAULT_CONFIG, env=env)
+
+
+def test_digest_password_is_never_read_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[sip]\ndigest_password = "oops"\n')
+    with pytest.raises(SettingsError, match="secret"):
+        load_settings(path, env={})
+
+
+def test_malformed_number_entry_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[sip.numbers."+1555"]\nvoic = "x"\n')
+    with pytest.raises(SettingsError, match=r"sip\.numbers\.\+1555"):
+        load_settings(path, env={})
