@@ -223,8 +223,12 @@ class SipServer:
             log.exception("the SIP call router failed; answering 500", extra={"call_id": offer.handle})
             decision = Reject(500, "error: router")
         if isinstance(decision, Reject):
+            log.info("SIP call %s refused with %d (%s)", offer.handle, decision.status, decision.reason or "router",
+                     extra={"call_id": offer.handle})
             self._run(self._uas().reject(offer.handle, decision.status, self._now(), decision.reason))
             return
+        log.info("SIP call %s accepted: trunk %s, %s, SIP Call-ID %s", offer.handle, offer.trunk, offer.media.codec,
+                 offer.call_id[:64], extra={"call_id": offer.handle})
         self._calls[offer.handle] = _Pending(decision)
         self._spawn(self._answer(offer, decision), f"sip-answer-{offer.handle}")
 
@@ -285,6 +289,7 @@ class SipServer:
         pending = self._calls.get(handle)
         if pending is None:
             return
+        log.info("SIP call %s ended by the network: %s", handle, reason, extra={"call_id": handle})
         if pending.leg is not None:
             pending.leg.ended_by_carrier(reason)
         if not pending.connected:
@@ -302,6 +307,9 @@ class SipServer:
 
     def hang_up(self, handle: str, reason: str) -> None:
         """End a call from our side (BYE, or 480 before the answer); the leg hears LegEnded."""
+        call = self._uas().calls.get(handle)
+        if call is not None and call.live:
+            log.info("SIP call %s ended by us: %s", handle, reason, extra={"call_id": handle})
         self._run(self._uas().hang_up(handle, self._now(), reason))
         pending = self._calls.get(handle)
         if pending is not None and pending.leg is not None:

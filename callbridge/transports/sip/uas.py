@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Final
 
-from sipmessage import URI, Address
+from sipmessage import URI, Address, Via
 
 from .access import AllowList, RateLimiter, Trunk
 from .dialog import CallState, SessionTimer, SipCall, address_without_tag
@@ -162,6 +162,7 @@ class UserAgentServer:
             return []  # CRLF keep-alive
         if isinstance(msg, Response):
             return self._on_response(msg)
+        _mark_received(msg, source)
         tx = self.transactions.match(msg)
         if tx is not None:
             out: list[Action] = [Send(r.data, r.dest) for r in self.transactions.absorb(tx, msg, now)]
@@ -464,6 +465,25 @@ class UserAgentServer:
                 out = self.hang_up(call.handle, now, "error: no ACK")
                 return [*out, CallEnded(call.handle, "error: no ACK")]
         return []
+
+
+def _mark_received(req: Request, source: Addr) -> None:
+    """RFC 3581 / RFC 3261 §18.2.1: note on the top Via where the request really came from.
+
+    Our responses go back to that source address and port in any case (symmetric signalling,
+    what NATed trunks need); these parameters tell the client so.
+    """
+    vias = req.via
+    top = vias[0]
+    params = top.parameters
+    if "rport" in params:
+        params = params.replace(rport=str(source[1]), received=source[0])
+    elif top.host != source[0]:
+        params = params.replace(received=source[0])
+    else:
+        return
+    vias[0] = Via(top.transport, top.host, top.port, params)
+    req.headers.setlist("Via", [str(v) for v in vias])
 
 
 def _route_dest(call: SipCall) -> Addr:

@@ -416,3 +416,11 @@ def test_trunks_first_match_decides_digest() -> None:
 def test_allow_list_rejects_bad_cidr_with_the_entry_named() -> None:
     with pytest.raises(ValueError, match="'10.0.0.300'"):
         parse_networks("10.0.0.0/8, 10.0.0.300")
+
+
+def test_responses_tell_the_client_its_real_source_rport() -> None:
+    uas = make_uas()
+    resp = parse_response(uas.receive(request("OPTIONS"), ("127.0.0.7", 31000), 0.0)[0].data)
+    top = resp.via[0]
+    assert top.parameters["rport"] == "31000" and top.parameters["received"] == "127.0.0.7"
+    assert top.parameters["branch"] == "z9hG4bK-1"
