@@ -102,3 +102,11 @@ def test_stt_quick_reports_both_figures(tmp_path: Path) -> None:
     for fig in ("eos_to_final_ms", "stt_ms"):
         has_keys(cell[fig], {"n", "p50", "p95", "mean", "max"}, fig)
         assert cell[fig]["n"] == report["utterances"]
+
+
+def test_sip_rtp_quick_reports_jitter_and_cpu(tmp_path: Path) -> None:
+    report = run_bench("sip_rtp.py", tmp_path / "sip_rtp.json")
+    has_keys(report, {"bench", "commit", "results"}, "report")
+    (cell,) = report["results"]
+    has_keys(cell, {"calls", "seconds", "packets", "lost", "send_jitter_ms", "interval_ms", "cpu_ms_per_call_s"}, "cell")
+    assert cell["calls"] == 2 and cell["packets"] > 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sipmessage import Message, Request
 
 from callbridge.transports.sip import (
@@ -424,3 +426,41 @@ def test_responses_tell_the_client_its_real_source_rport() -> None:
     top = resp.via[0]
     assert top.parameters["rport"] == "31000" and top.parameters["received"] == "127.0.0.7"
     assert top.parameters["branch"] == "z9hG4bK-1"
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mangled_datagrams_never_raise(data: st.DataObject) -> None:
+    """Any datagram, however broken, is answered or dropped; nothing escapes the server."""
+    uas = make_uas()
+    _, tag = answered_call(uas, call_id="live", from_tag="live")  # a live dialog the mangled requests may hit
+    in_dialog = {"call_id": "live", "from_tag": "live", "to_tag": tag}
+    base = bytearray(data.draw(st.sampled_from([
+        invite(), request("BYE", to_tag="x", cseq=2), request("CANCEL"), request("OPTIONS"),
+        invite(headers={"Session-Expires": "abc", "Supported": "timer", "Require": "timer"}),
+        invite(body=offer().replace(b"RTP/AVP 0 8 101", b"RTP/AVP x y")),
+        reinvite(tag, 2, offer(direction="sendonly"), call_id="live", from_tag="live"),
+        request("UPDATE", branch="z9hG4bK-u", cseq=3, body=offer(port=41000), **in_dialog),  # type: ignore[arg-type]
+        request("INFO", branch="z9hG4bK-i", cseq=4, body=b"Signal=5\r\n",
+                headers={"Content-Type": "application/dtmf-relay"}, **in_dialog),  # type: ignore[arg-type]
+        request("BYE", branch="z9hG4bK-b", cseq=5, **in_dialog),  # type: ignore[arg-type]
+    ])))
+    for _ in range(data.draw(st.integers(0, 8))):
+        pos = data.draw(st.integers(0, len(base) - 1))
+        op = data.draw(st.sampled_from(["flip", "cut", "dup", "byte"]))
+        if op == "flip":
+            base[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "cut":
+            del base[pos:pos + data.draw(st.integers(1, 20))]
+        elif op == "dup":
+            base[pos:pos] = base[pos:pos + data.draw(st.integers(1, 20))]
+        else:
+            base[pos] = data.draw(st.integers(0, 255))
+        if not base:
+            break
+    for action in uas.receive(bytes(base), CARRIER, 0.0) + uas.tick(100.0):
+        if isinstance(action, Send):
+            assert action.dest == CARRIER
