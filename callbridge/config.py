@@ -190,7 +190,7 @@ class SipSettings:
     greeting: str = ""  # for numbers without their own
     media_timeout_s: float = 30.0  # no RTP from the caller for this long ends the call (BYE)
     max_message_bytes: int = 8192
-    max_messages_per_s: int = 20  # per source IP; more are dropped
+    max_messages_per_s: int = 50  # per source IP (a trunk sends every call from a few IPs); more are dropped
     full_status: int = 503  # answer when the bridge is full: 503 (another instance may take it) or 486
 
     @property

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from ...audio import CHUNK_MS, LINE_RATE
 from ...calls.leg import (
@@ -29,15 +29,20 @@ from ...calls.leg import (
 from .media import RtpReceiver, RtpSender
 from .sdp import Answer
 
-if TYPE_CHECKING:
-    from .endpoint import SipServer
-
 log = logging.getLogger(__name__)
 
-__all__ = ["LEAD_CHUNKS", "SipLeg"]
+__all__ = ["LEAD_CHUNKS", "Signalling", "SipLeg"]
 
 Addr = tuple[str, int]
 LEAD_CHUNKS: Final = 3  # 60 ms ahead of real time: enough to ride out loop jitter, small for barge-in
+
+
+class Signalling(Protocol):
+    """What a leg asks of the SIP server (:class:`~.endpoint.SipServer`): end the dialog, free the port."""
+
+    def hang_up(self, handle: str, reason: str) -> None: ...
+
+    def release(self, leg: SipLeg) -> None: ...
 
 
 class _RtpProtocol(asyncio.DatagramProtocol):
@@ -54,7 +59,7 @@ class _RtpProtocol(asyncio.DatagramProtocol):
 class SipLeg(Leg):
     """One inbound SIP call's media and its way back to the signalling server."""
 
-    def __init__(self, server: SipServer, handle: str, info: LegInfo, answer: Answer, *,
+    def __init__(self, server: Signalling, handle: str, info: LegInfo, answer: Answer, *,
                  signalling_host: str, transport: asyncio.DatagramTransport, port: int,
                  media_timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
