@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ...calls.leg import LegInfo
+from ...config import SipSettings
 from .access import AllowList, RateLimiter
 from .digest import DigestAuth
 from .leg import SipLeg, _RtpProtocol
+from .numbers import allow_list
 from .uas import (
     Action,
     CallConfirmed,
@@ -124,6 +126,16 @@ class SipServer:
         self.datagram_observers: list[Callable[[bytes, Addr], None]] = []  # after each datagram is handled
         self.datagrams_in = 0
         self.datagrams_out = 0
+
+    @classmethod
+    def from_settings(cls, sip: SipSettings, router: CallRouter) -> SipServer:
+        """The server ``[sip]`` describes (validated at load: see :func:`callbridge.config.load_settings`)."""
+        host, port = sip.listen_addr()
+        digest = DigestAuth(sip.digest_user, sip.digest_password) if sip.digest_password else None
+        return cls(listen=(host, port), public_address=sip.public_ip or host, router=router,
+                   allow=allow_list(sip), rtp_ports=sip.rtp_range(), digest=digest, codecs=sip.codec_list(),
+                   media_timeout_s=sip.media_timeout_s, rate_per_s=sip.max_messages_per_s,
+                   rate_burst=2 * sip.max_messages_per_s, max_message_bytes=sip.max_message_bytes)
 
     @property
     def port(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,28 @@ def test_malformed_number_entry_is_named(tmp_path: Path) -> None:
     path.write_text('[sip.numbers."+1555"]\nvoic = "x"\n')
     with pytest.raises(SettingsError, match=r"sip\.numbers\.\+1555"):
         load_settings(path, env={})
+
+
+def test_dialled_numbers_route_to_their_voice_else_the_default(tmp_path: Path) -> None:
+    from callbridge.transports.sip.numbers import Route, allow_list, route_call
+
+    path = tmp_path / "c.toml"
+    path.write_text("""
+[sip]
+listen = "127.0.0.1:5060"
+allow = "127.0.0.0/8"
+greeting = "Hello"
+[sip.trunks.carrier]
+allow = "127.0.0.1"
+digest = false
+[sip.numbers."+1 (555) 010-0100"]
+voice = "anna"
+""")
+    sip = load_settings(path, env={}).sip
+    assert route_call(sip, "default", "+15550100100;phone-context=x") == Route("anna", "Hello")
+    assert route_call(sip, "default", "+15550199") == Route("default", "Hello")
+    strict = dataclasses.replace(sip, unknown_numbers="reject")
+    assert route_call(strict, "default", "+15550199") is None
+    allow = allow_list(sip)
+    assert [t.name for t in allow.trunks] == ["carrier", "default"]
+    assert allow.match("127.0.0.1").name == "carrier" and allow.match("127.0.0.2").name == "default"  # type: ignore[union-attr]
