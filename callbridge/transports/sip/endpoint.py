@@ -295,7 +295,20 @@ class SipServer:
         if pending is None or pending.leg is None or pending.connected:
             return
         pending.connected = True
-        self._spawn(self.router.connected(pending.leg, pending.accept), f"sip-connected-{handle}")
+        self._spawn(self._connect(pending.leg, pending.accept), f"sip-connected-{handle}")
+
+    async def _connect(self, leg: SipLeg, accept: Accept) -> None:
+        try:
+            await self.router.connected(leg, accept)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A call nobody drives would stay up as long as the caller's RTP flows: end it.
+            log.exception("the SIP call router failed to take the call; hanging up", extra={"call_id": leg.handle})
+            if accept.release is not None:
+                accept.release()
+            self.hang_up(leg.handle, "error: router")
+            await leg.close("error: router", 1.0)
 
     def _ended(self, handle: str, reason: str) -> None:
         pending = self._calls.get(handle)

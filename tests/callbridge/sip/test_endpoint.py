@@ -201,3 +201,18 @@ async def test_stop_ends_live_calls_with_bye() -> None:
         assert bye.call_id == "call-1@carrier"
         assert isinstance(await sink.events.get(), LegEnded)
         assert not [e for e in ended_events if isinstance(e, CallEnded)]  # our hang-up, not the network's
+
+
+async def test_a_router_that_fails_to_take_the_call_hangs_up() -> None:
+    class Broken(Router):
+        async def connected(self, leg: SipLeg, accept: Accept) -> None:
+            raise RuntimeError("boom")
+
+    router = Broken()
+    async with server(router) as srv, peer() as carrier:
+        dest = ("127.0.0.1", srv.port)
+        carrier.send(invite(carrier), dest)
+        ok = await carrier.response(200)
+        carrier.send(with_via(carrier, sipmsg.request("ACK", branch="z9hG4bK-ack",
+                                                      to_tag=ok.to_address.parameters["tag"])), dest)
+        assert (await carrier.request("BYE")).call_id == "call-1@carrier"
