@@ -183,7 +183,10 @@ class SipServer:
 
     def _on_datagram(self, data: bytes, source: Addr) -> None:
         self.datagrams_in += 1
-        self._run(self._uas().receive(data, source, self._now()))
+        try:
+            self._run(self._uas().receive(data, source, self._now()))
+        except Exception:  # the top of a callback: one bad datagram must not touch other calls
+            log.exception("SIP datagram handling failed (dropped)")
         for observe in self.datagram_observers:
             observe(data, source)
 
