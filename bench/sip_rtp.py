@@ -5,8 +5,10 @@ For each K, K scripted carriers call our SipServer (INVITE/200/ACK over real UDP
 them; each bridge leg is fed audio as fast as its send queue takes it (the call core's
 pacing is not in this measurement). Figures:
 
-- ``send_jitter_ms``: |arrival − (first arrival + n × 20 ms)| per packet, by RTP sequence
-  (on loopback, arrival ≈ send time: this is the bridge's send clock error), p50/p99/max;
+- ``send_jitter_ms``: |arrival − (first arrival + RTP time)| per packet, the RTP time being the
+  packet's timestamp since the first (on loopback, arrival ≈ send time: this is the bridge's
+  send clock error; slots skipped after a stall move the timestamp, so they do not count twice),
+  p50/p99/max;
 - ``interval_ms``: gaps between consecutive packets, p1/p50/p99;
 - ``cpu_ms_per_call_s``: process CPU time per second of call, *including* the scripted
   carriers in the same process (an upper bound on the bridge's own cost);
@@ -96,7 +98,7 @@ class Carrier(asyncio.DatagramProtocol):
     """One scripted caller: signalling and media on one socket, every RTP arrival timestamped."""
 
     def __init__(self) -> None:
-        self.arrivals: list[tuple[int, float]] = []  # (sequence, loop time)
+        self.arrivals: list[tuple[int, int, float]] = []  # (sequence, RTP timestamp, loop time)
         self.ok: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.transport: Any = None
 
@@ -105,7 +107,8 @@ class Carrier(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if data[:1] == b"\x80" and len(data) >= 12:
-            self.arrivals.append((struct.unpack_from("!H", data, 2)[0], asyncio.get_running_loop().time()))
+            seq, ts = struct.unpack_from("!HI", data, 2)
+            self.arrivals.append((seq, ts, asyncio.get_running_loop().time()))
         elif data.startswith(b"SIP/2.0 200") and not self.ok.done():
             self.ok.set_result(data)
 
@@ -168,10 +171,10 @@ async def run_calls(k: int, seconds: float) -> dict[str, Any]:
         arrivals = carrier.arrivals
         if not arrivals:
             continue
-        seq0, t0 = arrivals[0]
-        for seq, t in arrivals:
-            jitter.append(abs(t - (t0 + ((seq - seq0) & 0xFFFF) * 0.02)) * 1000)
-        intervals += [(b[1] - a[1]) * 1000 for a, b in zip(arrivals, arrivals[1:])]
+        seq0, ts0, t0 = arrivals[0]
+        for _, ts, t in arrivals:
+            jitter.append(abs(t - (t0 + ((ts - ts0) & 0xFFFFFFFF) / 8000)) * 1000)
+        intervals += [(b[2] - a[2]) * 1000 for a, b in zip(arrivals, arrivals[1:])]
         lost += ((arrivals[-1][0] - seq0) & 0xFFFF) + 1 - len(arrivals)
     return {
         "calls": k, "seconds": seconds, "packets": sum(len(c.arrivals) for c in carriers), "lost": lost,
