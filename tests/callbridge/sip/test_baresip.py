@@ -273,3 +273,80 @@ async def test_stranger_is_dropped_without_an_answer(tmp_path: Path, caller_wav:
         assert server.datagrams_out == 0
         assert server.uas is not None and server.uas.counters["dropped_stranger"] >= 2
         await phone.command("hangup")
+
+
+class LossyRelay(asyncio.DatagramProtocol):
+    """A UDP relay between baresip and the bridge that loses chosen SIP datagrams, once each.
+
+    baresip dials the relay; the relay forwards to the bridge, and the bridge's answers back to
+    baresip. ``lose`` holds predicates on the datagram's first line (and CSeq) to drop once.
+    """
+
+    def __init__(self, bridge: tuple[str, int], lose: list[Any]) -> None:
+        self.bridge = bridge
+        self.lose = list(lose)
+        self.lost: list[str] = []
+        self.phone: tuple[str, int] | None = None
+        self.transport: Any = None
+        self.seen: asyncio.Queue[str] = asyncio.Queue()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        text = data.decode(errors="replace")
+        first = text.split("\r\n", 1)[0]
+        cseq = next((line[5:].strip() for line in text.split("\r\n") if line.lower().startswith("cseq:")), "")
+        summary = f"{first} | {cseq}"
+        self.seen.put_nowait(summary)
+        for rule in self.lose:
+            if rule(first, cseq):
+                self.lose.remove(rule)
+                self.lost.append(summary)
+                return
+        if addr == self.bridge:
+            assert self.phone is not None
+            # Our Contact names the bridge; point it at the relay so in-dialog requests (ACK, BYE)
+            # come through here too, as they would through a proxy that Record-Routes.
+            head, sep, body = data.partition(b"\r\n\r\n")
+            here = self.transport.get_extra_info("sockname")[1]
+            head = head.replace(f"127.0.0.1:{self.bridge[1]}".encode(), f"127.0.0.1:{here}".encode())
+            self.transport.sendto(head + sep + body, self.phone)
+        else:
+            self.phone = addr
+            self.transport.sendto(data, self.bridge)
+
+    async def wait_for(self, match: Any) -> None:
+        """Until a datagram whose ``first line | CSeq`` satisfies ``match`` has passed (or been lost)."""
+        while not match(await self.seen.get()):
+            pass
+
+
+async def test_lost_200_ack_and_bye_answer_are_recovered_by_retransmission(tmp_path: Path, caller_wav: Path) -> None:
+    router = Router()
+    async with sip_server(router) as server, Baresip(tmp_path / "phone", caller_wav=caller_wav) as phone:
+        loop = asyncio.get_running_loop()
+        rules = [
+            lambda first, cseq: first.startswith("SIP/2.0 200") and cseq.endswith("INVITE"),  # our 200 is lost
+            lambda first, cseq: first.startswith("ACK"),  # then baresip's first ACK is lost
+            lambda first, cseq: first.startswith("SIP/2.0 200") and cseq.endswith("BYE"),  # our answer to BYE
+        ]
+        transport, relay = await loop.create_datagram_endpoint(
+            lambda: LossyRelay(("127.0.0.1", server.port), rules), local_addr=("127.0.0.1", 0))
+        try:
+            relay_port = transport.get_extra_info("sockname")[1]
+            assert (await phone.command("dial", f"sip:+15550100@127.0.0.1:{relay_port}")).get("ok")
+            await phone.wait_event("CALL_ESTABLISHED")  # it took our resent 200
+            call = await router.calls.get()  # and we took its resent ACK
+            await phone.command("hangup")
+            assert (await call.next(LegEnded)).reason == "hangup: caller"
+            def bye_ok(line: str) -> bool:
+                return line.startswith("SIP/2.0 200") and line.endswith("BYE")
+
+            await relay.wait_for(bye_ok)  # our answer to the BYE, lost
+            await relay.wait_for(bye_ok)  # the BYE came again and was answered again, from the transaction
+            await phone.wait_event("CALL_CLOSED")
+            assert len(relay.lost) == 3 and router.calls.empty()
+            assert server.uas is not None and server.uas.transactions.retransmissions_absorbed >= 1
+        finally:
+            transport.close()
