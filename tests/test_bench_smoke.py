@@ -110,3 +110,11 @@ def test_sip_rtp_quick_reports_jitter_and_cpu(tmp_path: Path) -> None:
     (cell,) = report["results"]
     has_keys(cell, {"calls", "seconds", "packets", "lost", "send_jitter_ms", "interval_ms", "cpu_ms_per_call_s"}, "cell")
     assert cell["calls"] == 2 and cell["packets"] > 0
+
+
+def test_sip_first_audio_quick_compares_both_carriers(tmp_path: Path) -> None:
+    report = run_bench("sip_first_audio.py", tmp_path / "sip_first_audio.json")
+    has_keys(report, {"bench", "commit", "turns", "twilio", "sip"}, "report")
+    for carrier in ("twilio", "sip"):
+        has_keys(report[carrier], {"per_turn", "heard_ms", "server_ttfa_ms"}, carrier)
+        assert report[carrier]["heard_ms"]["n"] == report["turns"] == 2

@@ -28,6 +28,7 @@ from ..transports.websocket import close_socket
 from ..tts import RunnerFactory, TtsWorker, WorkerFaulted
 from .control import delete_turn, get_call, list_calls, post_hangup, post_interrupt, post_turn
 from .services import AGENT, SERVICES, Services, _install_log_redaction, services
+from .sip_calls import SIP, SipService, sip_context
 from .stream_tokens import StreamTokens
 from .text_socket import call_text_socket
 from .tts_socket import stream_tts_handler
@@ -97,6 +98,8 @@ def build_app(
     app.router.add_get("/metrics", metrics_handler)
     app.cleanup_ctx.append(_speech_context)  # before the TTS: stopped after every call has ended
     app.cleanup_ctx.append(_tts_context(runtime, say, wait_for_worker, runner_factory, supervisor_options or {}))
+    app[SIP] = SipService()
+    app.cleanup_ctx.append(sip_context)  # after the worker and voices: it admits calls onto them
     app.on_shutdown.append(_close_sockets)
     return app
 

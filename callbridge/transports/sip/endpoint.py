@@ -264,8 +264,10 @@ class SipServer:
             transport.close()  # cancelled while we bound the port
             self.rtp_ports.in_use.discard(port)
             return
-        info = LegInfo(carrier="sip", carrier_call_id=offer.call_id, from_number=offer.from_user,
-                       to_number=offer.to_user)
+        # Our own id for the call (a SIP Call-ID may hold characters a URL path cannot); the
+        # carrier's Call-ID stays visible as the leg's media id.
+        info = LegInfo(carrier="sip", carrier_call_id=offer.handle, from_number=offer.from_user,
+                       to_number=offer.to_user, media_id=offer.call_id, custom={"trunk": offer.trunk})
         leg = SipLeg(self, offer.handle, info, offer.media, signalling_host=offer.source[0], transport=transport,
                      port=port, media_timeout_s=self.media_timeout_s)
         transport.get_protocol().on_datagram = leg.on_datagram  # type: ignore[attr-defined]

@@ -144,7 +144,8 @@ async def test_call_audio_both_ways_then_caller_hangs_up(tmp_path: Path, caller_
         assert offered.to_user == "+15550100" and offered.media.codec == "PCMU"
         await phone.wait_event("CALL_ESTABLISHED")
         call = await router.calls.get()
-        assert call.leg.info.carrier == "sip" and call.leg.info.carrier_call_id == offered.call_id
+        assert call.leg.info.carrier == "sip" and call.leg.info.carrier_call_id == offered.handle
+        assert call.leg.info.media_id == offered.call_id
         await call.play(tone(BRIDGE_HZ, 1.0), "end")
         assert (await call.next(MarkerPlayed)).name == "end"
         await call.heard_enough.wait()  # the caller's tone reached us
