@@ -457,7 +457,7 @@ class Call:
         return {
             "call_sid": self.call_sid,
             "carrier": self.leg.info.carrier,
-            "stream_sid": self.leg.info.media_id or None,
+            "media_id": self.leg.info.media_id or None,  # Twilio StreamSid, SIP Call-ID
             "state": self._state.value,
             "voice": self.voice.name,
             "duration_s": round(time.monotonic() - s.started_at, 2),

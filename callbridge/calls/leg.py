@@ -102,11 +102,15 @@ class LegInfo:
     """Facts about the call as the carrier gave them; caller data (numbers) never goes to INFO logs."""
 
     carrier: str  # "twilio", "sip"
-    carrier_call_id: str  # Twilio CallSid, SIP Call-ID
+    # The call's id in our API (the call view, /calls/{id}): Twilio's CallSid; for SIP our own
+    # "sip-…" id (a SIP Call-ID is caller-chosen, may be long and is not URL-safe).
+    carrier_call_id: str
     from_number: str = ""
     to_number: str = ""
     custom: dict[str, str] = field(default_factory=dict)  # carrier-specific parameters
-    media_id: str = ""  # the carrier's id of this leg's media (Twilio StreamSid); "" until media starts
+    # The carrier's own id of this leg's media session: Twilio's StreamSid ("" until the stream
+    # starts), the SIP Call-ID. Shown as ``media_id`` in the call view.
+    media_id: str = ""
 
 
 class Leg(abc.ABC):
