@@ -16,7 +16,7 @@ from aiohttp import web
 from dia2 import Dia2
 
 from ..calls.agent import Agent
-from ..calls.call import Call
+from ..calls.call import Call, CallState
 from ..config import Settings
 from ..metrics import Metrics
 from ..speech import SpeechWorker
@@ -41,6 +41,7 @@ class Services:
     # Calls whose media socket is open and not yet started (the token is used, the slot held).
     connecting: set[Call] = field(default_factory=set)
     tokens: StreamTokens = field(default_factory=lambda: StreamTokens(30.0))
+    sip_pending: int = 0  # SIP calls admitted (reservation held), not yet connected (no ACK yet)
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     # Played when a turn fails (calls.fallback_audio, loaded at start-up); None: 300 ms silence.
     fallback_ulaw8k: bytes | None = None
@@ -60,6 +61,13 @@ class Services:
         if not self.ready or self.supervisor is None:
             return Readiness("starting", "the service is starting up")
         return self.supervisor.readiness()
+
+    def live_calls(self) -> int:
+        """Calls that count against ``calls.max_calls``, every carrier: started and not ended,
+        media socket open but not started, admitted by the webhook (an unused stream token),
+        admitted over SIP but not yet connected."""
+        started = sum(1 for c in self.calls.values() if c.state is not CallState.ENDED)
+        return started + len(self.connecting) + len(self.tokens.tokens) + self.sip_pending
 
     def require(self) -> tuple[Dia2, TtsWorker, VoiceRegistry]:
         if self.runtime is None or self.worker is None or self.voices is None:

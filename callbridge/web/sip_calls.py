@@ -1,24 +1,26 @@
 """SIP calls in the service: the SIP server's start-up and shutdown, and who gets which call.
 
 :class:`SipCallRouter` is the SIP server's :class:`~callbridge.transports.sip.endpoint.CallRouter`:
-it admits a call through the same TTS reservation as a Twilio webhook (or answers
-``sip.full_status`` when full, 404 for a number ``[sip]`` rejects), picks the voice and
-greeting from the dialled-number map, and once the caller's ACK arrives builds the
-:class:`~callbridge.calls.call.Call` on the :class:`~callbridge.transports.sip.leg.SipLeg`, registers
-it for the control API (``GET /calls`` shows ``"carrier": "sip"``) and bounds it by
-``calls.max_call_s``.
+it admits a call by the same rules as the Twilio webhook (``Services.readiness()``: 503 while
+the TTS worker is not ready, where the webhook answers ``<Reject>``; ``Services.live_calls()``
+against ``calls.max_calls`` and a TTS reservation: ``sip.full_status`` when full), answers 404
+for a number ``[sip]`` rejects, picks the voice and greeting from the dialled-number map, and
+once the caller's ACK arrives builds the :class:`~callbridge.calls.call.Call` on the
+:class:`~callbridge.transports.sip.leg.SipLeg` exactly as the media stream handler does (agent
+hook, caller speech, fallback audio), registers it for the control API (``GET /calls`` shows
+``"carrier": "sip"``) and bounds it by ``calls.max_call_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..calls.call import Call, CallState
+from ..calls.call import Call
 from ..config import SettingsError
 from ..transports.sip import CallOffered
 from ..transports.sip.endpoint import Accept, Reject, SipServer
@@ -43,57 +45,73 @@ class SipService:
 SIP = web.AppKey("sip", SipService)
 
 
+class _Admission:
+    """A SIP call admitted and not yet connected: it counts in ``Services.sip_pending`` and holds
+    its TTS reservation until the call takes it (:meth:`settle`) or it ends first (:meth:`release`).
+    Each happens at most once."""
+
+    def __init__(self, svc: Services, route: Route, reservation: Reservation) -> None:
+        self.svc, self.route, self.reservation = svc, route, reservation
+        self._pending = True
+        svc.sip_pending += 1
+
+    def settle(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.svc.sip_pending -= 1
+
+    def release(self) -> None:  # the call ended before it connected, or the router failed to take it
+        self.settle()
+        self.reservation.release()
+
+
 class SipCallRouter:
     """Admission and call set-up for SIP; one per app."""
 
     def __init__(self, svc: Services) -> None:
         self.svc = svc
-        self.pending = 0  # admitted, not yet connected (their reservations are held)
-
-    def live_calls(self) -> int:
-        svc = self.svc
-        return (sum(1 for c in svc.calls.values() if c.state is not CallState.ENDED) + len(svc.connecting)
-                + len(svc.tokens.tokens) + self.pending)
 
     def decide(self, offer: CallOffered) -> Accept | Reject:
         svc = self.svc
         sip = svc.settings.sip
-        if not svc.ready or svc.shutting_down or svc.worker is None or svc.voices is None:
-            svc.metrics.rejected_total.labels(reason="not_ready").inc()
+        # The same rule as the voice webhook's <Reject>: warming up, restarting after a fault,
+        # failed or shutting down is 503 (with Retry-After: a carrier may try another route).
+        readiness = svc.readiness()
+        if not readiness.ready or svc.worker is None or svc.voices is None:
+            svc.metrics.rejected_total.labels(reason=f"not_ready_{readiness.status}").inc()
+            log.warning("SIP call %s refused: service %s (%s)", offer.handle, readiness.status, readiness.reason)
             return Reject(503, "not ready")
         route = route_call(sip, svc.voices.default, offer.to_user)
         if route is None:
             svc.metrics.rejected_total.labels(reason="unknown_number").inc()
             return Reject(404, "unknown number")
-        reservation = svc.worker.reserve() if self.live_calls() < svc.settings.calls.max_calls else None
+        live = svc.live_calls()
+        reservation = svc.worker.reserve() if live < svc.settings.calls.max_calls else None
         if reservation is None:
             svc.metrics.rejected_total.labels(reason="full").inc()
-            log.warning("SIP call %s refused: full (%d calls live)", offer.handle, self.live_calls())
+            log.warning("SIP call %s refused: full (%d calls live)", offer.handle, live)
             return Reject(sip.full_status, "full")
-        self.pending += 1
-        return Accept(context=(route, reservation), release=self._releaser(reservation))
-
-    def _releaser(self, reservation: Reservation) -> Callable[[], None]:
-        def release() -> None:  # the call ended before it connected
-            self.pending -= 1
-            reservation.release()
-
-        return release
+        admission = _Admission(svc, route, reservation)
+        return Accept(context=admission, release=admission.release)
 
     async def connected(self, leg: SipLeg, accept: Accept) -> None:
         svc = self.svc
-        route, reservation = accept.context
-        assert isinstance(route, Route)
-        self.pending -= 1
+        admission = accept.context
+        assert isinstance(admission, _Admission)
         assert svc.worker is not None and svc.voices is not None
-        call = Call(leg=leg, voice=svc.voices.get(route.voice), settings=svc.settings, worker=svc.worker,
-                    metrics=svc.metrics, greeting=route.greeting, reservation=reservation,
-                    fallback_ulaw8k=svc.fallback_ulaw8k, agent=svc.agent)
+        # A voice removed since the INVITE raises here: the endpoint releases the admission and
+        # hangs up (BYE).
+        call = Call(leg=leg, voice=svc.voices.get(admission.route.voice), settings=svc.settings,
+                    worker=svc.worker, metrics=svc.metrics, greeting=admission.route.greeting,
+                    reservation=admission.reservation, fallback_ulaw8k=svc.fallback_ulaw8k, agent=svc.agent,
+                    speech=svc.speech)
+        admission.settle()  # the call holds the reservation now and counts as live in svc.calls
         leg.attach(call)
         svc.calls[call.call_sid] = call
         call.begin()
         try:
-            await asyncio.wait_for(call.ended.wait(), svc.settings.calls.max_call_s)
+            async with asyncio.timeout(svc.settings.calls.max_call_s):  # not wait_for: see design.md
+                await call.ended.wait()
         except TimeoutError:
             call.log.warning("call reached calls.max_call_s = %.0f s: hanging up", svc.settings.calls.max_call_s)
             await call.end("hangup: max_call_s")

@@ -105,8 +105,7 @@ async def twilio_voice(request: web.Request) -> web.Response:
         svc.metrics.rejected_total.labels(reason="unknown_voice").inc()
         return web.Response(text=say_hangup_twiml("Sorry, this line is not configured correctly."),
                             content_type="text/xml")
-    live = (sum(1 for c in svc.calls.values() if c.state is not CallState.ENDED) + len(svc.connecting)
-            + len(svc.tokens.tokens))
+    live = svc.live_calls()
     reservation = worker.reserve() if live < svc.settings.calls.max_calls else None
     if reservation is None:
         svc.metrics.rejected_total.labels(reason="full").inc()

