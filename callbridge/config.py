@@ -289,6 +289,24 @@ class SpeechSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Many instances sharing Redis (callbridge.cluster); off (one instance, all in memory) without redis_url."""
+
+    redis_url: str = field(default="", repr=False)  # redis://[:password@]host:6379/0 (env CALLBRIDGE_REDIS_URL)
+    instance_id: str = ""  # "" = host name + port; unique per instance
+    internal_url: str = ""  # http://host:port other instances reach this one at (forwarding)
+    public_url: str = ""  # https:// URL Twilio reaches THIS instance at (its stream URL); "" = server.public_base_url
+    heartbeat_s: float = 1.0  # how often this instance refreshes its capacity and its calls in Redis
+    ttl_s: float = 5.0  # entries of an instance that stops refreshing expire after this
+    key_prefix: str = "callbridge:"
+    forward_timeout_s: float = 5.0  # a forwarded control request waits this long for the owner
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -302,6 +320,7 @@ class Settings:
     agent: AgentSettings = AgentSettings()
     speech: SpeechSettings = SpeechSettings()
     sip: SipSettings = SipSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     def with_(self, **sections: dict[str, Any]) -> Settings:
         """A copy with some keys replaced, e.g. ``with_(server={"port": 0})`` (validated)."""
@@ -329,6 +348,12 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_AGENT_WEBHOOK_URL": ("agent", "webhook_url"),
     "CALLBRIDGE_SPEECH": ("speech", "enabled"),
     "CALLBRIDGE_SPEECH_MODEL": ("speech", "model"),
+    "CALLBRIDGE_REDIS_URL": ("cluster", "redis_url"),
+    "CALLBRIDGE_INSTANCE_ID": ("cluster", "instance_id"),
+    "CALLBRIDGE_INTERNAL_URL": ("cluster", "internal_url"),
+    "CALLBRIDGE_INSTANCE_PUBLIC_URL": ("cluster", "public_url"),
+    "CALLBRIDGE_CLUSTER_HEARTBEAT_S": ("cluster", "heartbeat_s"),
+    "CALLBRIDGE_CLUSTER_TTL_S": ("cluster", "ttl_s"),
     "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
     "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
     "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
@@ -433,6 +458,38 @@ def validate(s: Settings) -> None:
         raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
     _validate_speech(s.speech)
     _validate_sip(s.sip)
+    _validate_cluster(s.cluster, s.server)
+
+
+def _validate_cluster(c: ClusterSettings, server: ServerSettings) -> None:
+    def bad(key: str, value: Any, why: str) -> SettingsError:
+        return SettingsError(f"cluster.{key} = {value!r}: {why}")
+
+    if c.redis_url and not c.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        # Only the scheme is shown: the URL may carry a password.
+        raise SettingsError(f"cluster.redis_url (CALLBRIDGE_REDIS_URL) starts with {c.redis_url.split(':')[0]!r}: "
+                            "use redis://host:6379/0, rediss:// (TLS) or unix:///path")
+    if c.heartbeat_s <= 0 or c.heartbeat_s > 60:
+        raise bad("heartbeat_s", c.heartbeat_s, "must be > 0 and <= 60 (CALLBRIDGE_CLUSTER_HEARTBEAT_S)")
+    if c.ttl_s < 2 * c.heartbeat_s:
+        raise bad("ttl_s", c.ttl_s, f"must be at least twice cluster.heartbeat_s ({c.heartbeat_s}): one lost "
+                  "heartbeat must not drop a live instance (CALLBRIDGE_CLUSTER_TTL_S)")
+    if c.forward_timeout_s <= 0:
+        raise bad("forward_timeout_s", c.forward_timeout_s, "must be > 0")
+    for key in ("internal_url", "public_url"):
+        url = getattr(c, key)
+        if url and (not url.startswith(("https://", "http://")) or "?" in url or "#" in url):
+            raise bad(key, url, "must be an http(s):// URL without a query string")
+    if any(ch.isspace() for ch in c.instance_id) or len(c.instance_id) > 64:
+        raise bad("instance_id", c.instance_id, "must be at most 64 characters without spaces")
+    if not c.redis_url:
+        return
+    if not c.internal_url:
+        raise bad("internal_url", c.internal_url, "with CALLBRIDGE_REDIS_URL set, other instances must reach this "
+                  "one: set CALLBRIDGE_INTERNAL_URL (e.g. http://gpu1:8080)")
+    if not (c.public_url or server.public_base_url):
+        raise bad("public_url", c.public_url, "with CALLBRIDGE_REDIS_URL set, Twilio must reach this instance: set "
+                  "CALLBRIDGE_INSTANCE_PUBLIC_URL (or CALLBRIDGE_PUBLIC_BASE_URL)")
 
 
 def _validate_speech(sp: SpeechSettings) -> None:

@@ -48,5 +48,10 @@ class Metrics:
             "callbridge_tts_worker_restarts_total", "TTS worker restarts after a fault", registry=r
         )
 
+        self.placed_elsewhere_total = Counter(
+            "callbridge_placed_elsewhere_total", "Webhooks answered here with a call placed on another instance",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

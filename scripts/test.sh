@@ -14,6 +14,16 @@ if ! command -v baresip >/dev/null 2>&1; then
         echo "==> baresip not found and not root: the SIP integration tests will be skipped"
     fi
 fi
+# A real Redis server for the cluster tests (they skip without it).
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing redis-server (cluster tests)"
+        apt-get install -y --no-install-recommends redis-server >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends redis-server >/dev/null; }
+    else
+        echo "==> redis-server not found and not root: the cluster tests will be skipped"
+    fi
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "==> ruff"
 .venv/bin/ruff check dia2 callbridge tests bench

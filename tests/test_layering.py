@@ -5,7 +5,7 @@ Read from the source (``ast``), so every import counts, including those inside f
 - ``dia2`` never imports ``callbridge``; callbridge imports only ``dia2``'s declared public API
   (names in ``dia2.__all__``, from ``dia2`` itself);
 - inside callbridge, layers import downwards only: cli → web, sim → transports → calls →
-  (tts, audio, voices, speech, startup) → (config, metrics);
+  (tts, audio, voices, speech, cluster, startup) → (config, metrics);
 - the simulator imports nothing of the service (it exists to check the service from outside).
 """
 
@@ -32,6 +32,7 @@ RANKS: dict[str, int] = {
     "callbridge.voices": 2,
     "callbridge.startup": 2,
     "callbridge.speech": 2,
+    "callbridge.cluster": 2,
     "callbridge.config": 1,
     "callbridge.metrics": 1,
     "callbridge": 1,  # the package's own __init__

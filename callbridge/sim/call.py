@@ -486,14 +486,19 @@ class _CallRun:
             self._error(f"31920 <Stream url> scheme is {target.scheme!r}; Twilio connects to wss:// only")
         if target.raw_query_string:
             self._error("twiml: <Stream url> has a query string; Twilio drops it (use <Parameter>)")
+        contact = cfg.base_url
         public_path = URL(cfg.public_base).raw_path.rstrip("/")
         path = target.raw_path
         if public_path and path.startswith(public_path + "/"):
             path = path[len(public_path) :]
+        for public, local in cfg.resolve.items():  # a stream URL naming another instance
+            prefix = str(_ws_url(public, ""))
+            if stream_url.startswith(prefix + "/"):
+                contact, path = local, URL(stream_url[len(prefix):], encoded=True).raw_path
         signature = RequestValidator(cfg.twilio_auth_token).compute_signature(stream_url, {})
         try:
             self.ws = await self.media_http.ws_connect(
-                _ws_url(cfg.base_url, path),
+                _ws_url(contact, path),
                 headers={"x-twilio-signature": signature, "User-Agent": "Twilio.TmeWs/1.0"},
                 max_msg_size=MAX_WS_MSG,
                 timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),

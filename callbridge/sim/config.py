@@ -63,6 +63,9 @@ class SimConfig:
     announce: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
     # The REST stand-in the calls register with (same as passing ``rest=`` to run_simulation).
     rest_server: FakeTwilioRest | None = field(default=None, compare=False, repr=False)
+    # Public base URL of a service instance -> the loopback base URL contacted for it: where a
+    # <Stream url> names another instance (a cluster), as DNS would resolve it for Twilio.
+    resolve: dict[str, str] = field(default_factory=dict)
     # Finer knobs, with defaults that suit the real service.
     webhook_path: str = "/twilio/voice"
     from_number: str = "+15005550006"
@@ -81,6 +84,10 @@ class SimConfig:
             url = getattr(self, name)
             if url is not None and URL(url).scheme not in ("http", "https"):
                 raise SimulatorError(f"{name}={url!r}: expected an http:// or https:// URL")
+        for public, local in self.resolve.items():
+            if URL(public).scheme not in ("http", "https") or (not self.allow_remote and not is_loopback_url(local)):
+                raise SimulatorError(f"resolve {public!r} -> {local!r}: expected an http(s) public URL and a "
+                                     "loopback base URL")
         if not self.allow_remote and not is_loopback_url(self.base_url):
             raise SimulatorError(
                 f"base_url={self.base_url!r} is not a loopback address; the simulator only calls "

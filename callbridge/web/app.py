@@ -10,6 +10,7 @@ TTS socket in :mod:`.tts_socket`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,12 +22,14 @@ from dia2 import Dia2, StreamRunner
 from ..calls.agent import Agent, load_agent
 from ..calls.call import CallState
 from ..calls.fallback import load_fallback_audio
+from ..cluster import build_admission
 from ..config import Settings, SettingsError
 from ..metrics import Metrics
 from ..speech import speech_worker
 from ..transports.websocket import close_socket
 from ..tts import RunnerFactory, TtsWorker, WorkerFaulted
 from .control import delete_turn, get_call, list_calls, post_hangup, post_interrupt, post_turn
+from .forwarding import cluster_context, merged_calls, owner_answers
 from .services import AGENT, SERVICES, Services, _install_log_redaction, services
 from .sip_calls import SIP, SipService, sip_context
 from .stream_tokens import StreamTokens
@@ -81,18 +84,20 @@ def build_app(
     app = web.Application(client_max_size=256 * 1024)
     if agent is not None:
         app[AGENT] = agent
-    app[SERVICES] = Services(settings=settings, metrics=Metrics(),
-                             tokens=StreamTokens(settings.twilio.stream_token_ttl_s))
+    svc = Services(settings=settings, metrics=Metrics(), tokens=StreamTokens(settings.twilio.stream_token_ttl_s))
+    svc.admission = build_admission(settings, worker=lambda: svc.worker, ready=lambda: svc.readiness().ready)
+    app[SERVICES] = svc
     app.router.add_post("/twilio/voice", twilio_voice)
     app.router.add_post("/twilio/stream-status", twilio_stream_status)
     app.router.add_get(STREAM_PATH + "{token}", twilio_stream)
-    app.router.add_get("/calls", list_calls)
-    app.router.add_get("/calls/{call_sid}", get_call)
-    app.router.add_post("/calls/{call_sid}/turns", post_turn)
-    app.router.add_delete("/calls/{call_sid}/turns/{turn_id}", delete_turn)
-    app.router.add_post("/calls/{call_sid}/interrupt", post_interrupt)
-    app.router.add_post("/calls/{call_sid}/hangup", post_hangup)
-    app.router.add_get("/calls/{call_sid}/text", call_text_socket)
+    # With [cluster] on, any instance answers for any call (forwarding.py).
+    app.router.add_get("/calls", functools.partial(merged_calls, local=list_calls))
+    app.router.add_get("/calls/{call_sid}", owner_answers(get_call))
+    app.router.add_post("/calls/{call_sid}/turns", owner_answers(post_turn))
+    app.router.add_delete("/calls/{call_sid}/turns/{turn_id}", owner_answers(delete_turn))
+    app.router.add_post("/calls/{call_sid}/interrupt", owner_answers(post_interrupt))
+    app.router.add_post("/calls/{call_sid}/hangup", owner_answers(post_hangup))
+    app.router.add_get("/calls/{call_sid}/text", owner_answers(call_text_socket))
     app.router.add_get("/ws/stream_tts", stream_tts_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler)
@@ -100,6 +105,7 @@ def build_app(
     app.cleanup_ctx.append(_tts_context(runtime, say, wait_for_worker, runner_factory, supervisor_options or {}))
     app[SIP] = SipService()
     app.cleanup_ctx.append(sip_context)  # after the worker and voices: it admits calls onto them
+    app.cleanup_ctx.append(cluster_context)  # after the TTS: this instance leaves the cluster first
     app.on_shutdown.append(_close_sockets)
     return app
 

@@ -11,12 +11,14 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
 
 from dia2 import Dia2
 
 from ..calls.agent import Agent
-from ..calls.call import Call, CallState
+from ..calls.call import Call
+from ..cluster import Admission
 from ..config import Settings
 from ..metrics import Metrics
 from ..speech import SpeechWorker
@@ -41,7 +43,6 @@ class Services:
     # Calls whose media socket is open and not yet started (the token is used, the slot held).
     connecting: set[Call] = field(default_factory=set)
     tokens: StreamTokens = field(default_factory=lambda: StreamTokens(30.0))
-    sip_pending: int = 0  # SIP calls admitted (reservation held), not yet connected (no ACK yet)
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     # Played when a turn fails (calls.fallback_audio, loaded at start-up); None: 300 ms silence.
     fallback_ulaw8k: bytes | None = None
@@ -50,6 +51,10 @@ class Services:
     agent: Agent | None = None
     speech: SpeechWorker | None = None  # the speech-to-text thread, when [speech] is enabled
     supervisor: WorkerSupervisor | None = None
+    # Who admits calls and who holds which: in memory, or shared through Redis ([cluster]).
+    admission: Admission | None = None
+    # Requests forwarded to other instances (clustered only; made in the cluster's cleanup_ctx).
+    http: aiohttp.ClientSession | None = None
     ready: bool = False  # start-up done (the worker may still be warming up: see readiness())
     shutting_down: bool = False
 
@@ -63,11 +68,10 @@ class Services:
         return self.supervisor.readiness()
 
     def live_calls(self) -> int:
-        """Calls that count against ``calls.max_calls``, every carrier: started and not ended,
-        media socket open but not started, admitted by the webhook (an unused stream token),
-        admitted over SIP but not yet connected."""
-        started = sum(1 for c in self.calls.values() if c.state is not CallState.ENDED)
-        return started + len(self.connecting) + len(self.tokens.tokens) + self.sip_pending
+        """Calls that count against ``calls.max_calls`` here, every carrier: each TTS reservation
+        admission handed out and not yet released (a webhook's unused stream token, a media socket
+        not started yet, a SIP call before its ACK, a live call). The admission keeps the count."""
+        return self.admission.live if self.admission is not None else 0
 
     def require(self) -> tuple[Dia2, TtsWorker, VoiceRegistry]:
         if self.runtime is None or self.worker is None or self.voices is None:
@@ -119,6 +123,14 @@ def _public_base(request: web.Request, settings: Settings) -> str:
     if settings.server.public_base_url:
         return settings.server.public_base_url.rstrip("/")
     return f"{request.scheme}://{request.host}"
+
+
+def _stream_base(request: web.Request, settings: Settings) -> str:
+    """The base of THIS instance's media stream URLs: ``cluster.public_url`` when set (each
+    instance of a cluster is reached at its own URL), else the public base URL."""
+    if settings.cluster.public_url:
+        return settings.cluster.public_url.rstrip("/")
+    return _public_base(request, settings)
 
 
 def check_api_token(request: web.Request) -> None:

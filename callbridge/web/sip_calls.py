@@ -46,23 +46,17 @@ SIP = web.AppKey("sip", SipService)
 
 
 class _Admission:
-    """A SIP call admitted and not yet connected: it counts in ``Services.sip_pending`` and holds
-    its TTS reservation until the call takes it (:meth:`settle`) or it ends first (:meth:`release`).
-    Each happens at most once."""
+    """A SIP call admitted and not yet connected: it holds its TTS reservation (which counts in
+    ``Services.live_calls()``) until the call takes it, or it ends first (:meth:`release`,
+    idempotent like the reservation's own release)."""
 
-    def __init__(self, svc: Services, route: Route, reservation: Reservation) -> None:
-        self.svc, self.route, self.reservation = svc, route, reservation
-        self._pending = True
-        svc.sip_pending += 1
-
-    def settle(self) -> None:
-        if self._pending:
-            self._pending = False
-            self.svc.sip_pending -= 1
+    def __init__(self, svc: Services, handle: str, route: Route, reservation: Reservation) -> None:
+        self.svc, self.handle, self.route, self.reservation = svc, handle, route, reservation
 
     def release(self) -> None:  # the call ended before it connected, or the router failed to take it
-        self.settle()
         self.reservation.release()
+        if self.svc.admission is not None:
+            self.svc.admission.ended(self.handle)
 
 
 class SipCallRouter:
@@ -85,13 +79,16 @@ class SipCallRouter:
         if route is None:
             svc.metrics.rejected_total.labels(reason="unknown_number").inc()
             return Reject(404, "unknown number")
+        # The one admission rule of every carrier (and, clustered, the shared capacity): a SIP
+        # dialog cannot move to another instance, so it is admitted here or refused.
+        assert svc.admission is not None
+        reservation = svc.admission.admit_local(offer.handle)
         live = svc.live_calls()
-        reservation = svc.worker.reserve() if live < svc.settings.calls.max_calls else None
         if reservation is None:
             svc.metrics.rejected_total.labels(reason="full").inc()
             log.warning("SIP call %s refused: full (%d calls live)", offer.handle, live)
             return Reject(sip.full_status, "full")
-        admission = _Admission(svc, route, reservation)
+        admission = _Admission(svc, offer.handle, route, reservation)
         return Accept(context=admission, release=admission.release)
 
     async def connected(self, leg: SipLeg, accept: Accept) -> None:
@@ -105,7 +102,6 @@ class SipCallRouter:
                     worker=svc.worker, metrics=svc.metrics, greeting=admission.route.greeting,
                     reservation=admission.reservation, fallback_ulaw8k=svc.fallback_ulaw8k, agent=svc.agent,
                     speech=svc.speech)
-        admission.settle()  # the call holds the reservation now and counts as live in svc.calls
         leg.attach(call)
         svc.calls[call.call_sid] = call
         call.begin()
@@ -118,6 +114,8 @@ class SipCallRouter:
         finally:
             if svc.calls.get(call.call_sid) is call:
                 del svc.calls[call.call_sid]
+            if svc.admission is not None:
+                svc.admission.ended(call.call_sid)
             for observe in svc.call_observers:
                 observe(call)
 

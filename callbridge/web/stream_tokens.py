@@ -30,11 +30,23 @@ class StreamTokens:
     seen_calls: dict[str, float] = field(default_factory=dict)  # CallSid -> first webhook time (replays)
 
     def mint(self, call_sid: str, voice: str, greeting: str, reservation: Reservation) -> str:
-        self._prune()
-        token = secrets.token_urlsafe(24)  # 192 bits
-        self.tokens[token] = StreamBinding(call_sid, voice, greeting, time.monotonic() + self.ttl_s, reservation)
-        self.seen_calls[call_sid] = time.monotonic()
+        token = self.new_token()
+        self.add(token, call_sid, voice, greeting, reservation)
         return token
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_urlsafe(24)  # 192 bits
+
+    def add(self, token: str, call_sid: str, voice: str, greeting: str, reservation: Reservation) -> None:
+        """Bind ``token`` (from :meth:`new_token`) to a call admitted here."""
+        self._prune()
+        self.tokens[token] = StreamBinding(call_sid, voice, greeting, time.monotonic() + self.ttl_s, reservation)
+        self.remember(call_sid)
+
+    def remember(self, call_sid: str) -> None:
+        """This CallSid was answered (here or placed elsewhere): a repeat is refused."""
+        self.seen_calls[call_sid] = time.monotonic()
 
     def seen(self, call_sid: str) -> bool:
         self._prune()

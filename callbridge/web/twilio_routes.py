@@ -14,6 +14,7 @@ from aiohttp import WSMsgType, web
 
 from ..calls.call import Call, CallState
 from ..calls.leg import LegEnded
+from ..cluster import Placement, Refused, Ticket
 from ..transports.twilio import (
     ProtocolError,
     Start,
@@ -26,7 +27,8 @@ from ..transports.twilio import (
 )
 from ..transports.twilio.leg import TwilioLeg
 from ..voices import VoiceError
-from .services import Services, _public_base, services
+from .services import Services, _public_base, _stream_base, services
+from .stream_tokens import StreamBinding
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +107,34 @@ async def twilio_voice(request: web.Request) -> web.Response:
         svc.metrics.rejected_total.labels(reason="unknown_voice").inc()
         return web.Response(text=say_hangup_twiml("Sorry, this line is not configured correctly."),
                             content_type="text/xml")
-    live = svc.live_calls()
-    reservation = worker.reserve() if live < svc.settings.calls.max_calls else None
-    if reservation is None:
-        svc.metrics.rejected_total.labels(reason="full").inc()
-        log.warning("call %s rejected: %d calls live, worker free %d", call_sid, live, worker.free)
-        return web.Response(text=reject_twiml("busy"), content_type="text/xml")
     greeting = request.query.get("greeting", svc.settings.twilio.greeting)
-    token = svc.tokens.mint(call_sid, voice_name, greeting, reservation)
-    stream_url = websocket_url(base, STREAM_PATH + token)
+    admission = svc.admission
+    assert admission is not None
+    token = svc.tokens.new_token()
+    placement = await admission.place(call_sid, token, Ticket(call_sid, voice_name, greeting))
+    if placement is Refused.REPLAYED:  # answered by another instance (the shared seen-list)
+        svc.metrics.rejected_total.labels(reason="replayed_webhook").inc()
+        log.warning("refused a repeated webhook for call %s", call_sid)
+        raise web.HTTPForbidden(text="this call was already answered")
+    if not isinstance(placement, Placement):
+        svc.metrics.rejected_total.labels(reason="full").inc()
+        log.warning("call %s rejected: %d calls live here, worker free %d%s", call_sid, admission.live, worker.free,
+                    ", no other instance has room" if admission.clustered else "")
+        return web.Response(text=reject_twiml("busy"), content_type="text/xml")
+    if placement.reservation is not None:
+        svc.tokens.add(token, call_sid, voice_name, greeting, placement.reservation)
+        stream_base = _stream_base(request, svc.settings)
+    else:  # reserved on another instance, with the token in the shared state: its URL
+        svc.tokens.remember(call_sid)
+        svc.metrics.placed_elsewhere_total.inc()
+        stream_base = placement.instance.public_url
+    stream_url = websocket_url(stream_base, STREAM_PATH + token)
     status_cb = public_url(base, "/twilio/stream-status") if svc.settings.twilio.status_callback else None
     # The token (not these parameters) is what the stream is checked against; "greeting" only
     # tells a client that one will be spoken first.
     params = {"voice": voice_name, "greeting": "yes" if greeting else ""}
     twiml = connect_stream_twiml(stream_url, params, status_callback=status_cb)
-    log.info("call %s admitted (voice %s)", call_sid, voice_name)
+    log.info("call %s admitted (voice %s) on instance %s", call_sid, voice_name, placement.instance.id)
     return web.Response(text=twiml, content_type="text/xml")
 
 
@@ -177,10 +192,16 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
     """
     svc = services(request)
     settings = svc.settings
-    base = _public_base(request, settings)
-    _check_twilio_signature(request, websocket_url(base, request.path), {})
+    # Signed over the URL the TwiML named: this instance's own stream base.
+    _check_twilio_signature(request, websocket_url(_stream_base(request, settings), request.path), {})
     _, worker, voices = svc.require()
-    binding = svc.tokens.consume(request.match_info["token"])
+    token = request.match_info["token"]
+    binding = svc.tokens.consume(token)
+    if binding is None and svc.admission is not None:  # placed here by another instance?
+        claimed = await svc.admission.claim(token)
+        if claimed is not None:
+            ticket, reservation = claimed
+            binding = StreamBinding(ticket.call_sid, ticket.voice, ticket.greeting, 0.0, reservation)
     if binding is None:
         svc.metrics.rejected_total.labels(reason="bad_stream_token").inc()
         log.warning("refused a media stream with an unknown, expired or used token")
@@ -221,6 +242,8 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
             await call.ended.wait()  # ...and has closed the socket with the code for its end reason
         if svc.calls.get(call.call_sid) is call:
             del svc.calls[call.call_sid]
+        if svc.admission is not None:
+            svc.admission.ended(call.call_sid)
         for observe in svc.call_observers:
             observe(call)
     return ws
