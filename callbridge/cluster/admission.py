@@ -101,6 +101,11 @@ class Admission:
     async def stop(self) -> None:
         """Nothing to stop when embedded."""
 
+    @property
+    def redis_reachable(self) -> bool:
+        """Whether the shared state answered last time (always, when embedded)."""
+        return True
+
     # ------------------------------------------------------------------ local slots
 
     @property

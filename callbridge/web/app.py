@@ -57,6 +57,9 @@ async def healthz(request: web.Request) -> web.Response:
         "tts_capacity": svc.worker.capacity if svc.worker else 0,
         "voices": svc.voices.names() if svc.voices else [],
     }
+    if svc.admission is not None and svc.admission.clustered:  # which instance, and whether Redis answers
+        body["instance"] = svc.admission.me.id
+        body["redis"] = "ok" if svc.admission.redis_reachable else "unreachable"
     return web.json_response(body, status=200 if readiness.ready else 503)
 
 

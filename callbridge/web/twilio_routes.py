@@ -95,7 +95,11 @@ async def twilio_voice(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(text="this call was already answered")
     _, worker, voices = svc.require()
     readiness = svc.readiness()
-    if not readiness.ready:  # warming up, restarting after a fault, failed, or shutting down
+    admission = svc.admission
+    assert admission is not None
+    # Warming up, restarting after a fault, failed, or shutting down: refused, unless another
+    # instance of a cluster can take the call (placement never picks an instance that is not ready).
+    if not readiness.ready and not admission.clustered:
         svc.metrics.rejected_total.labels(reason=f"not_ready_{readiness.status}").inc()
         log.warning("call %s rejected: service %s (%s)", call_sid, readiness.status, readiness.reason)
         return web.Response(text=reject_twiml("busy"), content_type="text/xml")
@@ -108,8 +112,6 @@ async def twilio_voice(request: web.Request) -> web.Response:
         return web.Response(text=say_hangup_twiml("Sorry, this line is not configured correctly."),
                             content_type="text/xml")
     greeting = request.query.get("greeting", svc.settings.twilio.greeting)
-    admission = svc.admission
-    assert admission is not None
     token = svc.tokens.new_token()
     placement = await admission.place(call_sid, token, Ticket(call_sid, voice_name, greeting))
     if placement is Refused.REPLAYED:  # answered by another instance (the shared seen-list)

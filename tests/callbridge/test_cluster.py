@@ -100,10 +100,33 @@ def cluster_settings(redis_url: str, prefix: str, name: str, max_calls: int, por
     )
 
 
-def admission(redis_url: str, prefix: str, name: str, slots: int) -> RedisAdmission:
+def admission(redis_url: str, prefix: str, name: str, slots: int,
+              ready: Callable[[], bool] = lambda: True) -> RedisAdmission:
     worker = FakeWorker(slots)
     return RedisAdmission(cluster_settings(redis_url, prefix, name, slots), worker=lambda: worker,  # type: ignore[arg-type,return-value]
-                          ready=lambda: True)
+                          ready=ready)
+
+
+async def test_an_instance_not_ready_hands_calls_on_and_gets_none(redis_server: RedisServer, prefix: str) -> None:
+    """Warming up or draining: the webhook that lands there places the call on a ready instance,
+    and no other instance places a call there."""
+    state = {"ready": False}
+    a = admission(redis_server.url, prefix, "a", 2, ready=lambda: state["ready"])
+    b = admission(redis_server.url, prefix, "b", 1)
+    await a.start()
+    await b.start()
+    try:
+        first = await a.place("CA" + "1" * 32, "t1", Ticket("CA" + "1" * 32, "v", ""))
+        assert isinstance(first, Placement) and first.instance.id == "b"
+        assert a.admit_local("CA" + "2" * 32) is None  # SIP too
+        assert await b.place("CA" + "3" * 32, "t3", Ticket("CA" + "3" * 32, "v", "")) is Refused.FULL
+        state["ready"] = True
+        await a._publish()  # the next heartbeat, now
+        here = await b.place("CA" + "4" * 32, "t4", Ticket("CA" + "4" * 32, "v", ""))
+        assert isinstance(here, Placement) and here.instance.id == "a"
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 async def test_concurrent_reservations_never_promise_a_slot_twice(redis_server: RedisServer, prefix: str) -> None:
