@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,13 @@ def test_sip_first_audio_quick_compares_both_carriers(tmp_path: Path) -> None:
     for carrier in ("twilio", "sip"):
         has_keys(report[carrier], {"per_turn", "heard_ms", "server_ttfa_ms"}, carrier)
         assert report[carrier]["heard_ms"]["n"] == report["turns"] == 2
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_cluster_quick_writes_every_figure(tmp_path: Path) -> None:
+    report = run_bench("cluster.py", tmp_path / "cluster.json")
+    has_keys(report, {"commit", "machine", "requests", "webhooks", "control_ms", "admission_ms"}, "report")
+    for kind in ("get", "interrupt"):
+        for how in ("direct", "forwarded"):
+            assert report["control_ms"][kind][how]["n"] == report["requests"], (kind, how)
+    assert set(report["admission_ms"]) == {"embedded", "redis_here", "redis_elsewhere"}
+    for key, parts in report["admission_ms"].items():
+        assert parts["webhook"]["n"] == parts["place"]["n"] == report["webhooks"], key

@@ -169,6 +169,7 @@ class RedisAdmission(Admission):
         self._foreign = 0  # slots other instances promised here, stream not arrived (last heartbeat)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._down_since: float | None = None
         self._last_warning = -WARN_EVERY_S
         self._quiet_failures = 0
@@ -182,10 +183,16 @@ class RedisAdmission(Admission):
         self._task = asyncio.create_task(self._heartbeat(), name="cluster heartbeat")
 
     async def stop(self) -> None:
+        # A flag and a wake-up, not a cancel: a cancel of the heartbeat task was seen swallowed
+        # inside redis-py's reads on Python 3.11 (the task's cancelling() count stays raised),
+        # and stop() then waited forever. The beat in progress is bounded by the socket timeout.
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=self.heartbeat_s + 5.0)
+            if not done:
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
         with contextlib.suppress(RedisError, OSError):
             await self._leave(args=[self.prefix, self.me.id])
         await self.redis.aclose()
@@ -195,16 +202,20 @@ class RedisAdmission(Admission):
         return self._down_since is None
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._publish()
             except (RedisError, OSError) as exc:
                 self._unreachable("heartbeat", exc)
             except Exception:  # the top of a task: log it and keep beating
                 log.exception("cluster heartbeat failed")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.heartbeat_s):
-                    await self._wake.wait()
+            # asyncio.wait, not asyncio.timeout: on Python 3.11 a cancel that lands while the
+            # timeout is expiring is taken for the timeout and the loop went on (stop() hung).
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.heartbeat_s)
+            finally:
+                waiter.cancel()
             self._wake.clear()
 
     async def _publish(self) -> None:

@@ -185,8 +185,7 @@ async def test_a_dead_instance_stops_counting_and_a_released_slot_is_free_again(
         await poll(lambda: _is(redis.zcard(f"{prefix}slots:a"), 0), "a's slot freed")
         assert await redis.get(f"{prefix}call:{'CA' + '1' * 32}") is None
         # b dies without leaving (its heartbeat stops): within ttl_s it counts no more.
-        assert b._task is not None
-        b._task.cancel()
+        await stop_beating(b)
         await poll(lambda: _is(redis.exists(f"{prefix}inst:b"), 0), "b's heartbeat entry expired")
         assert (await a.owner_of("CA" + "2" * 32)) is None  # its call is gone with it
         assert {i.id for i in await a.instances()} == {"a"}
@@ -404,8 +403,8 @@ async def test_a_killed_instance_loses_only_its_calls_and_new_calls_go_elsewhere
         assert sid_a in a.svc.calls and sid_b in b.svc.calls
         # b dies: it stops beating without leaving the cluster, its sockets close.
         b_admission = b.svc.admission
-        assert isinstance(b_admission, RedisAdmission) and b_admission._task is not None
-        b_admission._task.cancel()
+        assert isinstance(b_admission, RedisAdmission)
+        await stop_beating(b_admission)
         b_admission.stop = _stop_without_leaving(b_admission)  # type: ignore[method-assign]
         await b.runner.cleanup()
         await poll(lambda: _is(c.redis.exists(f"{prefix}inst:b", f"{prefix}call:{sid_b}"), 0), "b's entries expired")
@@ -426,6 +425,15 @@ async def test_a_killed_instance_loses_only_its_calls_and_new_calls_go_elsewhere
         report_a = await on_a.report()
         assert report_a["error"] is None and report_a["ended_by"] == "rest"
         assert any(t["heard"] == ["Still", "here."] for t in report_a["turns"])
+
+
+async def stop_beating(admission: RedisAdmission) -> None:
+    """What a killed process looks like to Redis: its heartbeat stops, it never says goodbye."""
+    assert admission._task is not None
+    admission._stopping = True
+    admission._wake.set()
+    async with asyncio.timeout(WAIT_S):
+        await asyncio.wait({admission._task})
 
 
 def _stop_without_leaving(admission: RedisAdmission) -> Callable[[], Awaitable[None]]:
