@@ -47,7 +47,7 @@ from .graphs import (
     use_tf32,
 )
 from .model import Dia2Model, KVCache
-from .sampling import MAX_TOP_K, GenerationConfig, check_top_k
+from .sampling import MAX_TOP_K, GenerationConfig, check_top_k, seed_keys
 from .state_machine import StateRules, TextState, needs_text, process
 
 UNGENERATED = -2  # buffer sentinel: never fed, never decoded
@@ -206,7 +206,7 @@ class StepEngine:
             decoder=model.allocate_decoder_cache(2 * n),
             depformer=model.allocate_depformer_cache(2 * n),
             audio=torch.full((n, self.num_codebooks, columns), UNGENERATED, dtype=torch.long, device=dev),
-            seeds=torch.zeros(n, dtype=torch.long, device=dev),
+            seed_keys=torch.zeros(n, dtype=torch.long, device=dev),
             text_temp=torch.zeros(n, device=dev),
             text_top_k=torch.zeros(n, dtype=torch.long, device=dev),
             audio_temp=torch.zeros(n, device=dev),
@@ -238,7 +238,7 @@ class StepEngine:
         except ValueError as exc:
             raise StreamError(f"{exc} (or build the StepEngine with a larger max_top_k)") from None
         b = self.buffers
-        b.seeds[slot] = gen.seed
+        b.seed_keys[slot] = int(seed_keys(torch.tensor([gen.seed]))[0])
         b.text_temp[slot] = gen.text.temperature
         b.text_top_k[slot] = gen.text.top_k
         b.audio_temp[slot] = gen.audio.temperature

@@ -38,10 +38,10 @@ from .sampling import (
     SLOT_CB0,
     cfg_cut,
     cfg_filter_cut,
+    keyed_uniforms,
     sample_cut,
     sample_with,
     stage_slot,
-    stream_uniforms,
 )
 
 ENV_VAR = "DIA2_CUDA_GRAPHS"
@@ -280,7 +280,7 @@ class EngineBuffers:
     decoder: KVCache  # rows 2*slot (cond) and 2*slot+1 (uncond)
     depformer: KVCache
     audio: torch.Tensor  # [slots, K, columns] int64 delayed buffer
-    seeds: torch.Tensor  # [slots] int64
+    seed_keys: torch.Tensor  # [slots] int64: sampling.seed_keys of each stream's seed
     text_temp: torch.Tensor  # [slots] float32
     text_top_k: torch.Tensor  # [slots] int64
     audio_temp: torch.Tensor
@@ -381,9 +381,8 @@ class DeviceStep:
         self.text_vocab = cfg.data.text_vocab_size
         self.audio_vocab = cfg.data.audio_vocab_size
         # Views of this bucket's rows, made once: the step slices nothing per layer.
-        self.decoder = KVCache(k=[k[: 2 * n] for k in buffers.decoder.k], v=[v[: 2 * n] for v in buffers.decoder.v])
-        self.depformer = KVCache(k=[k[: 2 * n] for k in buffers.depformer.k],
-                                 v=[v[: 2 * n] for v in buffers.depformer.v])
+        self.decoder = buffers.decoder.first_rows(2 * n)
+        self.depformer = buffers.depformer.first_rows(2 * n)
         # Every random-number slot of a step (action, cb0, the S stages), drawn in one call.
         self.rng_slots = torch.arange(2 + cfg.num_stages, device=dev)
         self.num_codebooks = cfg.num_codebooks
@@ -457,11 +456,11 @@ class DeviceStep:
         b = self.buffers
         model = self.model
         audio = b.audio[:n]  # [n, K, columns]
-        seeds, scale, cfg_k = b.seeds[:n], b.cfg_scale[:n], b.cfg_k[:n]
+        keys, scale, cfg_k = b.seed_keys[:n], b.cfg_scale[:n], b.cfg_k[:n]
         positions = inputs[:, In.POSITION]
         listed = inputs[:, In.LISTED] != 0
         # The step's one RNG call: [n, 2 + S] → one [n, 1] column per slot (views).
-        uniforms = stream_uniforms(seeds, positions, self.rng_slots)[:, :, None].unbind(1)
+        uniforms = keyed_uniforms(keys, positions, self.rng_slots)[:, :, None].unbind(1)
 
         # Inputs [2n, C]: both rows read the same audio column t; row 1 has the unconditional text.
         audio_in = audio.gather(2, positions[:, None, None].expand(n, k, 1))[..., 0]  # [n, K]
@@ -542,10 +541,12 @@ class DeviceStep:
         fixed = column.clamp(min=0).unbind(1)  # K × [n]
         may_write = writable.unbind(1)
         prev = fixed[0]
+        projected = dep.project(hidden)  # depformer_in once per weight set, not once per stage
         all_logits: list[torch.Tensor] = []
         tokens: list[torch.Tensor] = []
         for stage in range(self.num_stages):
-            logits = dep.stage(stage, hidden, _interleave(prev, prev), self.depformer, text=text)  # [2n, V']
+            logits = dep.stage(stage, hidden, _interleave(prev, prev), self.depformer, text=text,
+                               projected=projected)  # [2n, V']
             pair = logits.view(n, 2, -1)
             guided = cfg_filter_cut(pair[:, 0], pair[:, 1], cfg)
             tok = sample_with(guided, cut, uniforms[stage_slot(stage)])

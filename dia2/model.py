@@ -16,15 +16,20 @@ import torch
 from torch import nn
 
 from .config import Dia2Config, TransformerConfig
-from .layers import GatedMLP, RMSNorm, Rope, RotaryTable, additive_mask, attend, rms_normalize
+from .layers import GatedMLP, RMSNorm, Rope, RotaryTable, additive_mask, attend, rms_normalize, rotate
 
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values [rows, heads, slots, head_dim]."""
+    """Per-layer keys and values [rows, heads, slots, head_dim].
+
+    ``kv``, where present (the depformer's cache, :meth:`allocate_joint`): per layer one tensor
+    [rows, 2, heads, slots, head_dim] of which ``k[i]`` and ``v[i]`` are views, so a step writes
+    a layer's key and value in one copy."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    kv: list[torch.Tensor] | None = None
 
     @classmethod
     def allocate(
@@ -36,6 +41,18 @@ class KVCache:
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
         )
 
+    @classmethod
+    def allocate_joint(
+        cls, layers: int, rows: int, heads: int, slots: int, head_dim: int, *, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        kv = [torch.zeros((rows, 2, heads, slots, head_dim), device=device, dtype=dtype) for _ in range(layers)]
+        return cls(k=[t[:, 0] for t in kv], v=[t[:, 1] for t in kv], kv=kv)
+
+    def first_rows(self, rows: int) -> KVCache:
+        """Views of rows 0…rows-1 (the same memory)."""
+        kv = [t[:rows] for t in self.kv] if self.kv is not None else None
+        return KVCache(k=[t[:rows] for t in self.k], v=[t[:rows] for t in self.v], kv=kv)
+
     @property
     def rows(self) -> int:
         return self.k[0].shape[0]
@@ -45,7 +62,7 @@ class KVCache:
         return self.k[0].shape[2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))  # views of kv: the same bytes
 
 
 @dataclass
@@ -82,6 +99,17 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps)
         self.eps = eps
         self.qk_weight = self.qk_norm_weight()
+        self.qkv_weight = self.fuse_projections()
+
+    def fuse_projections(self) -> torch.Tensor:
+        """[(Hq + 2·Hkv)·D, E]: the q, k and v projection weights as one matrix, so one GEMM
+        serves all three. The three parameters become views of it (no second copy of the
+        weights); rebuilt by :meth:`Dia2Model.rebuild_rotary_tables` after loading or a dtype change."""
+        fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        parts = fused.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features])
+        for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), parts):
+            proj.weight.data = part
+        return fused
 
     def qk_norm_weight(self) -> torch.Tensor:
         """[Hq + Hkv, D]: the q norm weight for each query head, then the k norm weight for each
@@ -101,11 +129,10 @@ class DecoderAttention(nn.Module):
         tensors of the KV slots to write; caches [B, Hkv, S, D] (the S slots read); mask
         [B, 1, T, S] additive."""
         B, T, _ = x.shape
-        qk = torch.cat([self.q_proj(x).view(B, T, self.heads, self.head_dim),
-                        self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)], dim=2)  # [B, T, Hq + Hkv, D]
+        qkv = torch.nn.functional.linear(x, self.qkv_weight).view(B, T, self.heads + 2 * self.kv_heads, self.head_dim)
+        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)  # [B, T, Hq + Hkv, D], [B, T, Hkv, D]
         qk = rope.apply(rms_normalize(qk, self.eps) * self.qk_weight)  # both norms and both rotations at once
         q, k = qk.split([self.heads, self.kv_heads], dim=2)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         # The KV slot of a step is its position: slot p holds position p for every row.
         torch.ops.aten.index_put_(k_cache, [write[0], None, write[1]], k)
         torch.ops.aten.index_put_(v_cache, [write[0], None, write[1]], v)
@@ -146,6 +173,17 @@ class TemporalTransformer(nn.Module):
             config.model.rope_min_timescale,
             config.model.rope_max_timescale,
         )
+        self.audio_table, self.audio_offsets = self.fuse_audio_embeds()
+
+    def fuse_audio_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K codebook tables as one [K·V, E] table (the K parameters become views of it) and
+        the offsets [K, 1] of each codebook's rows: one embedding lookup for every codebook."""
+        tables = [e.weight for e in self.audio_embeds]
+        fused = torch.cat(tables)
+        for embed, part in zip(self.audio_embeds, fused.split([t.shape[0] for t in tables])):
+            embed.weight.data = part
+        rows = torch.tensor([0] + [t.shape[0] for t in tables[:-1]], device=fused.device).cumsum(0)
+        return fused, rows[:, None]
 
     def forward(
         self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, slots: int | None = None
@@ -161,9 +199,10 @@ class TemporalTransformer(nn.Module):
         positions = start[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
         x = self.text_embed(tokens[:, 0], tokens[:, 1], self.text_pad_id)
         dtype = self.norm.weight.dtype
-        x = x.to(dtype)
-        for c, table in enumerate(self.audio_embeds):
-            x = x + table(tokens[:, 2 + c])
+        # Every codebook in one lookup, summed in one reduction (the reference adds them one by
+        # one, rounding after each add: in bf16 this is within its last bit, dia2-format.md §3.2).
+        audio = torch.nn.functional.embedding(tokens[:, 2:] + self.audio_offsets, self.audio_table)  # [B, K, T, E]
+        x = x.to(dtype) + audio.sum(dim=1)
         n_slots = slots if slots is not None else cache.slots
         slot_ids = torch.arange(n_slots, device=tokens.device)
         mask = additive_mask((slot_ids[None, None, :] <= positions[:, :, None]).unsqueeze(1), dtype)  # [B, 1, T, S]
@@ -198,34 +237,44 @@ class DepformerAttention(nn.Module):
         x: torch.Tensor,
         stage: int,
         weight_id: str,
-        tables: StageTables,
-        qk_weight: torch.Tensor,
+        mask: torch.Tensor,
+        qk_tables: tuple[torch.Tensor, torch.Tensor | None],
+        kv_cache: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, e]; caches [B, h, S, dh]; ``qk_weight`` from :meth:`qk_norm_weight`. Stage s
+        """x [B, e]; ``kv_cache`` [B, 2, h, S, dh] with its halves ``k_cache``, ``v_cache`` [B, h, S, dh]
+        (:meth:`KVCache.allocate_joint`); ``qk_tables`` this layer's (cos, sin) at the stage with
+        the q/k norm weights folded in (:class:`StageTables`; sin None without RoPE). Stage s
         attends over the stages 0…s of this frame through the stage's additive mask over all S
         slots, so all 31 stages have one shape: one kernel choice (one cuDNN plan) for all."""
         B = x.shape[0]
-        qkv = self.in_proj[weight_id](x).view(B, 3, self.heads, self.head_dim)
-        qk = rms_normalize(qkv[:, :2], self.eps) * qk_weight  # [B, 2, h, dh]: q and k normed at once
-        if tables.rope is not None:
-            qk = tables.rope.apply(qk)
-        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # [B, h, dh]
-        k_cache[:, :, stage] = k
-        v_cache[:, :, stage] = v
-        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache,
-                                                               attn_mask=tables.mask, scale=1.0)
+        qkv = self.in_proj[weight_id](x).view(B, 3, self.heads, self.head_dim)  # [B, (q, k, v), h, dh]
+        qk = qkv[:, :2]
+        normed = rms_normalize(qk, self.eps)  # q and k normed at once
+        cos, sin = qk_tables
+        # Norm weights and RoPE together, written back over q and k: then k and v lie side by side
+        # in qkv and one copy stores both in the cache.
+        if sin is None:
+            torch.mul(normed, cos, out=qk)
+        else:
+            rotate(normed, cos, sin, out=qk)
+        kv_cache.select(3, stage).copy_(qkv[:, 1:])
+        out = torch.nn.functional.scaled_dot_product_attention(qkv[:, 0, :, None], k_cache, v_cache,
+                                                               attn_mask=mask, scale=1.0)
         return self.out_proj[weight_id](out.view(B, self.heads * self.head_dim))
 
 
 @dataclass(frozen=True)
 class StageTables:
-    """What depends only on the stage index: RoPE at position s ([1, 1, dh] tables) and the
-    additive mask [1, 1, 1, S] of the slots 0…s, in the compute dtype."""
+    """What depends only on the stage index, in the compute dtype: RoPE at position s ([1, 1, dh]
+    tables), the additive mask [1, 1, 1, S] of the slots 0…s, and per layer the q/k tables
+    (cos·w, roll(w)·sin) [2, 1, dh] with that layer's q and k norm weights w folded in, so
+    rotate(n, *qk[i]) = RoPE(n·w) for the normalised n (only (w, None) without RoPE)."""
 
     rope: Rope | None
     mask: torch.Tensor
+    qk: tuple[tuple[torch.Tensor, torch.Tensor | None], ...] = ()
 
 
 class DepformerLayer(nn.Module):
@@ -277,14 +326,18 @@ class Depformer(nn.Module):
         dtype = self.norm.weight.dtype
         device = self.norm.weight.device
         slots = torch.arange(stages, device=device)
+        self.qk_weights = [layer.self_attention.qk_norm_weight() for layer in self.layers]
         self.stage_tables = []
         for s in range(stages):
             rope = None
+            qk: list[tuple[torch.Tensor, torch.Tensor | None]] = [(w, None) for w in self.qk_weights]
             if self.rope is not None:
                 # [1, 1, dh]: broadcasts over [B, 2, h, dh]
                 rope = self.rope.at(torch.full((1, 1), s, dtype=torch.long, device=device), dtype)
-            self.stage_tables.append(StageTables(rope, additive_mask(slots <= s, dtype).view(1, 1, 1, stages)))
-        self.qk_weights = [layer.self_attention.qk_norm_weight() for layer in self.layers]
+                half = rope.cos.shape[-1] // 2
+                qk = [(w * rope.cos[0], w.roll(half, dims=-1) * rope.sin[0]) for w in self.qk_weights]
+            mask = additive_mask(slots <= s, dtype).view(1, 1, 1, stages)
+            self.stage_tables.append(StageTables(rope, mask, tuple(qk)))
 
     def stage(
         self,
@@ -293,10 +346,12 @@ class Depformer(nn.Module):
         prev_token: torch.Tensor,
         cache: KVCache,
         text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        projected: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One stage. hidden [B, E] (decoder output), prev_token [B] (codebook ``stage`` of the column
         being predicted, cb0 for stage 0) → logits [B, V'] float32 for codebook stage+1, V' = logit limit.
         ``text`` (main, second) [B] is only used at stage 0 by checkpoints with a depformer text embedding.
+        ``projected``: :meth:`project` of this ``hidden`` (a step computes it once for all stages).
         The cache's slots > ``stage`` may hold anything finite (they are masked).
         """
         B = hidden.shape[0]
@@ -305,14 +360,23 @@ class Depformer(nn.Module):
         t = self.audio_embeds[stage](prev_token)
         if stage == 0 and self.text_embed is not None and text is not None:
             t = t + self.text_embed(text[0], text[1], self.text_pad_id)
-        z = self.depformer_in[w](hidden) + t  # [B, e]
-        full = cache.rows == B
+        z = (projected[w] if projected is not None else self.depformer_in[w](hidden)) + t  # [B, e]
+        if cache.kv is None:
+            raise ValueError("the depformer needs a joint cache: use Dia2Model.allocate_depformer_cache")
+        if cache.rows != B:
+            cache = cache.first_rows(B)
+        assert cache.kv is not None
         for i, layer in enumerate(self.layers):
-            k, v = (cache.k[i], cache.v[i]) if full else (cache.k[i][:B], cache.v[i][:B])
-            z = z + layer.self_attention(layer.pre_norm(z), stage, w, tables, self.qk_weights[i], k, v)
+            z = z + layer.self_attention(layer.pre_norm(z), stage, w, tables.mask, tables.qk[i], cache.kv[i],
+                                         cache.k[i], cache.v[i])
             z = z + layer.mlp(layer.post_norm(z))
         out = self.logits[stage](self.norm(z).float())
         return out[:, : self.logit_limit]
+
+    def project(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """depformer_in of ``hidden`` [B, E] for each weight set, by id: the same for every stage
+        of a step that uses the set, so a step computes it once per set, not once per stage."""
+        return {w: proj(hidden) for w, proj in self.depformer_in.items()}
 
 
 class Dia2Model(nn.Module):
@@ -348,19 +412,23 @@ class Dia2Model(nn.Module):
 
     def allocate_depformer_cache(self, rows: int) -> KVCache:
         dep = self.config.model.depformer
-        return KVCache.allocate(
+        return KVCache.allocate_joint(
             dep.n_layer, rows, dep.kv_heads, self.config.num_stages, dep.gqa_head_dim, device=self.device, dtype=self.dtype
         )
 
     def rebuild_rotary_tables(self) -> None:
-        """Recompute the non-persistent RoPE tables and the depformer's per-stage tables on the
-        model's device in its compute dtype (after a meta-device build or a dtype change)."""
+        """Recompute every derived tensor on the model's device in its compute dtype (after a
+        meta-device build, loading or a dtype change): the non-persistent RoPE tables, the
+        depformer's per-stage tables, the joint q/k norm weights, and the fused weights (decoder
+        q/k/v projection, the audio embedding tables; the parameters become views of them)."""
         cfg = self.config
         dec, dep = cfg.model.decoder, cfg.model.depformer
         lo, hi = cfg.model.rope_min_timescale, cfg.model.rope_max_timescale
         self.transformer.rope = RotaryTable(dec.gqa_head_dim, cfg.runtime.max_context_steps, lo, hi).to(self.device)
+        self.transformer.audio_table, self.transformer.audio_offsets = self.transformer.fuse_audio_embeds()
         for layer in self.transformer.layers:
             layer.attn.qk_weight = layer.attn.qk_norm_weight()
+            layer.attn.qkv_weight = layer.attn.fuse_projections()
         if self.depformer.rope is not None:
             n = max(cfg.runtime.max_context_steps, cfg.num_stages)
             self.depformer.rope = RotaryTable(dep.gqa_head_dim, n, lo, hi).to(self.device)

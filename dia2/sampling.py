@@ -62,14 +62,24 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """The per-stream half of the hash: depends on the seed alone, so an engine computes it once
+    when a stream starts (:func:`keyed_uniforms` then costs a step two mixing rounds, not four)."""
+    h = _mix32(seeds & _M32)
+    return _mix32(h ^ ((seeds >> 32) & _M32))
+
+
 def stream_uniforms(seeds: torch.Tensor, steps: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
     """Uniform floats in [0, 1) for each stream: ``seeds`` [B] and ``steps`` [B] int64 → [B] float32.
 
     ``slot`` may be a tensor of slots [S] (int64): then all of them at once, [B, S], each number
     equal to the one a separate call for that slot gives (one call serves a whole step)."""
-    h = _mix32(seeds & _M32)
-    h = _mix32(h ^ ((seeds >> 32) & _M32))
-    h = _mix32(h ^ (steps & _M32))
+    return keyed_uniforms(seed_keys(seeds), steps, slot)
+
+
+def keyed_uniforms(keys: torch.Tensor, steps: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+    """:func:`stream_uniforms` from the streams' :func:`seed_keys` [B]."""
+    h = _mix32(keys ^ (steps & _M32))
     if isinstance(slot, torch.Tensor):
         h = h[:, None]
     h = _mix32(h ^ slot)
@@ -104,7 +114,7 @@ def cfg_cut(scale: torch.Tensor, filter_k: torch.Tensor, vocab: int, max_k: int 
     no cut: :func:`check_top_k` refuses those first)."""
     width = min(max_k, vocab)
     off = (scale == 1.0) | (filter_k <= 0) | (filter_k > width) | (filter_k >= vocab)
-    return CfgCut(scale[:, None], (filter_k.clamp(1, width) - 1)[:, None], off[:, None], width)
+    return CfgCut(scale.float()[:, None], (filter_k.clamp(1, width) - 1)[:, None], off[:, None], width)
 
 
 def cfg_filter_cut(cond: torch.Tensor, uncond: torch.Tensor, cut: CfgCut) -> torch.Tensor:
@@ -114,7 +124,7 @@ def cfg_filter_cut(cond: torch.Tensor, uncond: torch.Tensor, cut: CfgCut) -> tor
     below the row's k-th largest guided value set to -inf (ties kept); rows ``cut.off`` unchanged.
     The k-th value comes from one ``topk`` of ``cut.width`` (no sort of the vocabulary).
     """
-    guided = torch.lerp(uncond, cond, cut.scale.to(cond.dtype))
+    guided = torch.lerp(uncond, cond, cut.scale)  # logits and scale are float32
     kth = guided.topk(cut.width, dim=-1).values.gather(-1, cut.index)
     kth = kth.masked_fill(cut.off, float("-inf"))  # an unchanged row: nothing is below -inf
     return cond.masked_fill(guided < kth, float("-inf"))

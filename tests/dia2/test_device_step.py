@@ -87,25 +87,33 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
     """Every tensor a captured step graph reads or writes outside itself, by name → data address."""
     b = engine.buffers
     found: dict[str, int] = {}
-    for name in ("audio", "seeds", "text_temp", "text_top_k", "audio_temp", "audio_top_k", "cfg_scale", "cfg_k"):
+    for name in ("audio", "seed_keys", "text_temp", "text_top_k", "audio_temp", "audio_top_k", "cfg_scale", "cfg_k"):
         found[name] = getattr(b, name).data_ptr()
     for cache_name, cache in (("decoder", b.decoder), ("depformer", b.depformer)):
         for i, (k, v) in enumerate(zip(cache.k, cache.v)):
             found[f"{cache_name}.k{i}"], found[f"{cache_name}.v{i}"] = k.data_ptr(), v.data_ptr()
+        for i, kv in enumerate(cache.kv or []):
+            found[f"{cache_name}.kv{i}"] = kv.data_ptr()
     for n, step in enumerate(engine._device_steps):
         if step is not None:
             found[f"step{n}.staging"], found[f"step{n}.inputs"] = step.staging.data_ptr(), step.inputs.data_ptr()
             found[f"step{n}.decoder.k0"] = step.decoder.k[0].data_ptr()
     model = engine.model
     found["rope.cos"] = model.transformer.rope.cos.data_ptr()
+    found["audio_table"] = model.transformer.audio_table.data_ptr()
     for s, tables in enumerate(model.depformer.stage_tables):
         found[f"stage{s}.mask"] = tables.mask.data_ptr()
         if tables.rope is not None:
             found[f"stage{s}.cos"] = tables.rope.cos.data_ptr()
+        for i, (cos, sin) in enumerate(tables.qk):
+            found[f"stage{s}.qk{i}.cos"] = cos.data_ptr()
+            if sin is not None:
+                found[f"stage{s}.qk{i}.sin"] = sin.data_ptr()
     for i, weight in enumerate(model.depformer.qk_weights):
         found[f"depformer.qk{i}"] = weight.data_ptr()
     for i, layer in enumerate(model.transformer.layers):
         found[f"decoder.qk{i}"] = layer.attn.qk_weight.data_ptr()
+        found[f"decoder.qkv{i}"] = layer.attn.qkv_weight.data_ptr()
     return found
 
 

@@ -1,0 +1,124 @@
+"""The fused step against the format's definition, written op by op (dia2-format.md §3).
+
+The runtime fuses for kernel count: one q/k/v GEMM, one lookup for every audio codebook, the
+norm weights inside the fused RMSNorm, the depformer's q/k norm weights folded into its RoPE
+tables, key and value written in one copy. This file computes the same logits the plain way
+(separate projections, 32 successive adds, norm then weight, rotate then attend over repeated
+KV heads) from the same parameters, in float32, and requires the trace to match; and it checks
+that the fused weights are views of the parameters, not copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dia2 import Dia2
+from dia2.model import Dia2Model
+from dia2.trace import teacher_forced_trace
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, model: Dia2Model) -> torch.Tensor:
+    """x [..., T, H, D] at positions pos [T]: half-split rotation from the format's formula."""
+    m = model.config.model
+    d = x.shape[-1]
+    j = torch.arange(d // 2, dtype=torch.float32)
+    omega = 1.0 / (m.rope_min_timescale * (m.rope_max_timescale / m.rope_min_timescale) ** (2 * j / d))
+    angle = pos.float()[:, None] * omega[None, :]  # [T, D/2]
+    cos = torch.cat([angle.cos(), angle.cos()], -1)[:, None, :]
+    sin = torch.cat([angle.sin(), angle.sin()], -1)[:, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], causal, scale 1, query head h reads KV head h // (Hq/Hkv)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.einsum("thd,shd->hts", q, k)
+    t = q.shape[0]
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(t, -1)
+
+
+def mlp(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, layer.wi.weight).split(layer.hidden, -1)
+    return F.linear(F.silu(gate) * up, layer.wo.weight)
+
+
+def reference_logits(model: Dia2Model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One CFG row's trace, the plain way: tokens [C, T+1] → the logits of steps 0…T-1."""
+    tr, dep, cfg = model.transformer, model.depformer, model.config
+    eps = cfg.model.normalization_layer_epsilon
+    pad = cfg.data.text_pad_token_id
+    steps = tokens.shape[1] - 1
+    pos = torch.arange(steps)
+    te = tr.text_embed
+    x = te.main_proj(te.embedding(tokens[0, :steps]))
+    x = x + te.second_proj(te.embedding(tokens[1, :steps])) * (tokens[1, :steps] != pad)[:, None].float()
+    for c, table in enumerate(tr.audio_embeds):
+        x = x + table.weight[tokens[2 + c, :steps]]
+    for layer in tr.layers:
+        a = layer.attn
+        h = rms(x, layer.pre_norm.weight, eps)
+        q = F.linear(h, a.q_proj.weight).view(steps, a.heads, a.head_dim)
+        k = F.linear(h, a.k_proj.weight).view(steps, a.kv_heads, a.head_dim)
+        v = F.linear(h, a.v_proj.weight).view(steps, a.kv_heads, a.head_dim)
+        q, k = rope(rms(q, a.q_norm.weight, eps), pos, model), rope(rms(k, a.k_norm.weight, eps), pos, model)
+        x = x + F.linear(attention(q, k, v), a.o_proj.weight)
+        x = x + mlp(layer.mlp, rms(x, layer.post_norm.weight, eps))
+    hidden = rms(x, tr.norm.weight, eps)
+    stages = []
+    for t in range(steps):
+        z_in = [dep.audio_embeds[s].weight[tokens[2 + s, t + 1]] for s in range(cfg.num_stages)]
+        ks: list[list[torch.Tensor]] = [[] for _ in dep.layers]
+        vs: list[list[torch.Tensor]] = [[] for _ in dep.layers]
+        row = []
+        for s in range(cfg.num_stages):
+            w = dep.schedule[s]
+            z = F.linear(hidden[t], dep.depformer_in[w].weight) + z_in[s]
+            for i, layer in enumerate(dep.layers):
+                a = layer.self_attention
+                qkv = F.linear(rms(z, layer.pre_norm.weight, eps), a.in_proj[w].weight).view(3, a.heads, a.head_dim)
+                at = torch.tensor([s])
+                q = rope(rms(qkv[0], a.q_norm.weight, eps)[None], at, model)[0]
+                ks[i].append(rope(rms(qkv[1], a.k_norm.weight, eps)[None], at, model)[0])
+                vs[i].append(qkv[2])
+                scores = torch.einsum("hd,shd->hs", q, torch.stack(ks[i])).softmax(-1)
+                out = torch.einsum("hs,shd->hd", scores, torch.stack(vs[i])).reshape(-1)
+                z = z + F.linear(out, a.out_proj[w].weight)
+                z = z + mlp(layer.mlp, rms(z, layer.post_norm.weight, eps))
+            row.append(F.linear(rms(z, dep.norm.weight, eps), dep.logits[s].weight)[: cfg.audio_logit_limit])
+        stages.append(torch.stack(row))
+    return {"action_logits": F.linear(hidden, tr.action_head.weight), "cb0_logits": F.linear(hidden, tr.cb0_head.weight),
+            "depformer_logits": torch.stack(stages)}
+
+
+def test_the_fused_step_computes_the_format_s_definition(tiny_runtime: Dia2) -> None:
+    model = tiny_runtime.model
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 2048, (2, model.config.data.channels, 5), generator=gen)
+    tokens[:, 0:2] = torch.randint(0, 400, (2, 2, 5), generator=gen)
+    tokens[0, 1, 2] = model.config.data.text_pad_token_id  # the gated second stream
+    trace = teacher_forced_trace(model, tokens)
+    with torch.inference_mode():
+        want = reference_logits(model, tokens[0])
+    for name, value in want.items():
+        torch.testing.assert_close(trace[name][0], value, rtol=0, atol=2e-5, msg=name)
+
+
+def test_fused_weights_are_views_of_the_parameters(tiny_runtime: Dia2) -> None:
+    """No second copy of the weights, and a parameter loaded in place reaches the fused GEMM."""
+    tr = tiny_runtime.model.transformer
+    attn = tr.layers[0].attn
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    assert torch.equal(attn.qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    last = tr.audio_embeds[-1].weight
+    assert last.untyped_storage().data_ptr() == tr.audio_table.untyped_storage().data_ptr()
+    assert torch.equal(tr.audio_table[-last.shape[0] :], last)
