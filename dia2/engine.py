@@ -411,7 +411,8 @@ class StepEngine:
         try:
             out = device_step(depformer=need_depformer, attend_slots=attend)
             try:
-                edge = out.edge.cpu()  # the one device→host copy: [n, 2 + K] actions, flags, emitted codes
+                # The one device→host copy: [n, 2 + K] actions, flags, emitted codes (pinned, reused).
+                edge = device_step.read_edge(out)
                 actions_host: list[int] = edge[:, Edge.ACTION].tolist()
                 valid: list[int] = edge[:, Edge.VALID].tolist()
                 if self.check_invariants:

@@ -398,6 +398,11 @@ class DeviceStep:
         # first, a copy still in flight goes to the same tensor as the next one, which lands later.
         self.staging = torch.zeros((n, len(In)), dtype=torch.long, pin_memory=dev.type == "cuda")
         self.inputs = torch.zeros((n, len(In)), dtype=torch.long, device=dev)
+        # The copy out lands in a pinned buffer and the host waits on an event recorded after it,
+        # not on the whole device: work queued later (the next step) is not waited for.
+        self.edge_host = torch.zeros((n, Edge.CODES + self.num_codebooks), dtype=torch.long,
+                                     pin_memory=dev.type == "cuda")
+        self.edge_copied = torch.cuda.Event() if dev.type == "cuda" else None
         self._with_depformer = CUDAGraphed(
             lambda x: self.forward(x, depformer=True), name=f"step[{n}]+depformer", disable=not graphed, memory=memory
         )
@@ -428,6 +433,15 @@ class DeviceStep:
                 return self.forward(self.inputs, depformer=depformer, attend_slots=attend_slots)
             graphed = self._with_depformer if depformer else self._without_depformer
             return graphed(self.inputs)
+
+    def read_edge(self, out: StepTensors) -> torch.Tensor:
+        """Copy ``out.edge`` into :attr:`edge_host` and wait until it has landed (the step's one
+        device→host copy). The buffer is reused by the next step: clone what must outlive it."""
+        self.edge_host.copy_(out.edge, non_blocking=self.edge_copied is not None)
+        if self.edge_copied is not None:
+            self.edge_copied.record()
+            self.edge_copied.synchronize()
+        return self.edge_host
 
     def capture(self) -> None:
         """Run (and, with graphs, capture) both variants on idle rows: no slot listed, so nothing

@@ -255,7 +255,9 @@ class DepformerAttention(nn.Module):
         cos, sin = qk_tables
         # Norm weights and RoPE together, written back over q and k: then k and v lie side by side
         # in qkv and one copy stores both in the cache.
-        if sin is None:
+        if torch.compiler.is_compiling():  # Dynamo refuses a strided out=; the compiled graph fuses the copy
+            qk.copy_(normed * cos if sin is None else rotate(normed, cos, sin))
+        elif sin is None:
             torch.mul(normed, cos, out=qk)
         else:
             rotate(normed, cos, sin, out=qk)

@@ -97,6 +97,7 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
     for n, step in enumerate(engine._device_steps):
         if step is not None:
             found[f"step{n}.staging"], found[f"step{n}.inputs"] = step.staging.data_ptr(), step.inputs.data_ptr()
+            found[f"step{n}.edge_host"] = step.edge_host.data_ptr()
             found[f"step{n}.decoder.k0"] = step.decoder.k[0].data_ptr()
     model = engine.model
     found["rope.cos"] = model.transformer.rope.cos.data_ptr()
@@ -135,6 +136,25 @@ def test_captured_tensors_keep_their_addresses_across_joins_leaves_restores_and_
     runner.step()
     assert all(engine._device_steps[n] is step for n, step in steps.items())
     assert captured_addresses(engine) == before
+
+
+def test_the_step_reads_its_edge_into_one_reused_host_buffer_and_frames_do_not_alias_it(tiny_runtime: Dia2) -> None:
+    """The copy out goes to a preallocated (on CUDA pinned) buffer that the next step overwrites;
+    a frame handed out must keep its codes."""
+    engine = StepEngine(tiny_runtime.model, tiny_runtime.rules(), max_streams=1, static_shapes=True)
+    text = new_text_state(engine.rules, tiny_runtime.script_entries("[S1] Hello there, friend."))
+    engine.start_fresh(0, GenerationConfig(seed=4), text, tiny_runtime.token_ids.bos)
+    step = engine.device_step(1)
+    address = step.edge_host.data_ptr()
+    frames = []
+    for _ in range(24):
+        got = engine.step([0])
+        frames.extend((f, f.codes.clone()) for f in got)
+        if got:
+            assert torch.equal(got[0].codes, step.edge_host[0, Edge.CODES :])
+    assert len(frames) > 3 and step.edge_host.data_ptr() == address
+    assert all(torch.equal(f.codes, kept) for f, kept in frames)  # later steps did not overwrite them
+    assert step.edge_host.is_pinned() == (engine.device.type == "cuda")
 
 
 # ---------------------------------------------------------------------- first-run safety
