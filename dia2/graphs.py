@@ -385,6 +385,7 @@ class DeviceStep:
         self.depformer = buffers.depformer.first_rows(2 * n)
         # Every random-number slot of a step (action, cb0, the S stages), drawn in one call.
         self.rng_slots = torch.arange(2 + cfg.num_stages, device=dev)
+        self.pair_rows = torch.arange(n, device=dev).repeat_interleave(2)  # [2n]: row 2i and 2i+1 read slot i
         self.num_codebooks = cfg.num_codebooks
         self.num_stages = cfg.num_stages
         self.bos = cfg.data.audio_bos_token_id
@@ -559,8 +560,8 @@ class DeviceStep:
         all_logits: list[torch.Tensor] = []
         tokens: list[torch.Tensor] = []
         for stage in range(self.num_stages):
-            logits = dep.stage(stage, hidden, _interleave(prev, prev), self.depformer, text=text,
-                               projected=projected)  # [2n, V']
+            logits = dep.stage(stage, hidden, prev[self.pair_rows], self.depformer, text=text,
+                               projected=projected)  # [2n, V']; both CFG rows are fed the slot's code
             pair = logits.view(n, 2, -1)
             guided = cfg_filter_cut(pair[:, 0], pair[:, 1], cfg)
             tok = sample_with(guided, cut, uniforms[stage_slot(stage)])

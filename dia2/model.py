@@ -229,8 +229,9 @@ class DepformerAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps)
 
     def qk_norm_weight(self) -> torch.Tensor:
-        """[2, 1, dh]: the q and k norm weights side by side, so one norm serves both."""
-        return torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, :]
+        """[2, 1, 1, dh]: the q and k norm weights side by side (broadcast over heads and the one
+        query position), so one norm serves both."""
+        return torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, None, :]
 
     def forward(
         self,
@@ -249,7 +250,8 @@ class DepformerAttention(nn.Module):
         attends over the stages 0…s of this frame through the stage's additive mask over all S
         slots, so all 31 stages have one shape: one kernel choice (one cuDNN plan) for all."""
         B = x.shape[0]
-        qkv = self.in_proj[weight_id](x).view(B, 3, self.heads, self.head_dim)  # [B, (q, k, v), h, dh]
+        # [B, (q, k, v), h, 1, dh]: q = qkv[:, 0] is already SDPA's [B, h, 1, dh]
+        qkv = self.in_proj[weight_id](x).view(B, 3, self.heads, 1, self.head_dim)
         qk = qkv[:, :2]
         normed = rms_normalize(qk, self.eps)  # q and k normed at once
         cos, sin = qk_tables
@@ -261,9 +263,8 @@ class DepformerAttention(nn.Module):
             torch.mul(normed, cos, out=qk)
         else:
             rotate(normed, cos, sin, out=qk)
-        kv_cache.select(3, stage).copy_(qkv[:, 1:])
-        out = torch.nn.functional.scaled_dot_product_attention(qkv[:, 0, :, None], k_cache, v_cache,
-                                                               attn_mask=mask, scale=1.0)
+        kv_cache.narrow(3, stage, 1).copy_(qkv[:, 1:])
+        out = torch.nn.functional.scaled_dot_product_attention(qkv[:, 0], k_cache, v_cache, attn_mask=mask, scale=1.0)
         return self.out_proj[weight_id](out.view(B, self.heads * self.head_dim))
 
 
@@ -271,7 +272,7 @@ class DepformerAttention(nn.Module):
 class StageTables:
     """What depends only on the stage index, in the compute dtype: RoPE at position s ([1, 1, dh]
     tables), the additive mask [1, 1, 1, S] of the slots 0…s, and per layer the q/k tables
-    (cos·w, roll(w)·sin) [2, 1, dh] with that layer's q and k norm weights w folded in, so
+    (cos·w, roll(w)·sin) [2, 1, 1, dh] with that layer's q and k norm weights w folded in, so
     rotate(n, *qk[i]) = RoPE(n·w) for the normalised n (only (w, None) without RoPE)."""
 
     rope: Rope | None
@@ -318,6 +319,7 @@ class Depformer(nn.Module):
         )
         self.stage_tables: list[StageTables] = []
         self.qk_weights: list[torch.Tensor] = []
+        self.head_weights: list[torch.Tensor] = []
         self.build_tables()
 
     def build_tables(self) -> None:
@@ -329,6 +331,8 @@ class Depformer(nn.Module):
         device = self.norm.weight.device
         slots = torch.arange(stages, device=device)
         self.qk_weights = [layer.self_attention.qk_norm_weight() for layer in self.layers]
+        # Each stage's head cut to the logit limit once (views): no slice of the logits per stage.
+        self.head_weights = [head.weight[: self.logit_limit] for head in self.logits]
         self.stage_tables = []
         for s in range(stages):
             rope = None
@@ -372,8 +376,7 @@ class Depformer(nn.Module):
             z = z + layer.self_attention(layer.pre_norm(z), stage, w, tables.mask, tables.qk[i], cache.kv[i],
                                          cache.k[i], cache.v[i])
             z = z + layer.mlp(layer.post_norm(z))
-        out = self.logits[stage](self.norm(z).float())
-        return out[:, : self.logit_limit]
+        return torch.nn.functional.linear(self.norm(z).float(), self.head_weights[stage])
 
     def project(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """depformer_in of ``hidden`` [B, E] for each weight set, by id: the same for every stage
