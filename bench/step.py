@@ -20,8 +20,13 @@ every depformer stage, and by one transformer-only step (the continuation zone),
 the meta device at the shape's real size (no memory, no compute; the same on any machine, so
 comparable across commits). See dia2/diagnostics.py.
 
+With ``--compiled`` (slow: Inductor compiles the whole step, ~10 min for tiny on a 2-core
+machine) it also reports ``kernels_compiled_full_step``: the kernels the torch.compile'd full step
+launches (fused C++/Triton kernels, GEMMs and other library calls), counted from the code
+Inductor generates, with the eager step's for comparison (StepEngine ``compile_step``).
+
     python bench/step.py [--quick] [--shapes tiny,1b,2b] [--batches 1,2,4] [--device cuda|cpu]
-                         [--steps N] [--warmup N] [--ops-only] [--json PATH] [--plot PATH]
+                         [--steps N] [--warmup N] [--ops-only] [--compiled] [--json PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -148,6 +154,33 @@ def count_shape(shape: str, batches: list[int]) -> dict[str, dict[str, int]]:
     return counts
 
 
+# A launch in Inductor's generated ``call()``: a fused kernel, a library call, or an ATen fallback.
+_LAUNCH = re.compile(r"^\s+(?:[\w, ]+ = )?((?:cpp|triton)_\w+|extern_kernels\.\w+|torch\.ops\.aten\.[\w.]+)(?:\.run)?\(",
+                     re.M)
+
+
+def count_compiled_kernels(shape: str, device: str) -> dict[str, Any]:
+    """Compile one bucket-1 full step (StepEngine compile_step) and count the kernels its
+    generated code launches per call."""
+    from torch._inductor.utils import run_and_get_code
+
+    model, rules, _ = load(shape, device)
+    engine = StepEngine(model, rules, max_streams=1, static_shapes=True, compile_step=True)
+    step = engine.device_step(1)
+    step.stage([step.idle_row()])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        step.inputs.copy_(step.staging)
+        _, sources = run_and_get_code(lambda: step._with_depformer(step.inputs))
+    seconds = time.perf_counter() - t0
+    launches = 0
+    for source in sources:
+        call = source[source.index("def call("):] if "def call(" in source else ""
+        launches += len(_LAUNCH.findall(call))
+    print(f"  {shape} compiled full step: {launches} kernel launches (compiled in {seconds:.0f} s)", flush=True)
+    return {"kernels_compiled_full_step": launches, "compile_s": seconds}
+
+
 def bench_shape(shape: str, device: str, batches: list[int], warmup: int | None, steps: int) -> tuple[
     list[StepFigures], dict[str, Any]
 ]:
@@ -261,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None,
                         help="dropped steps per batch (default: the max delay, 18, so every timed step runs the depformer)")
     parser.add_argument("--ops-only", action="store_true", help="count operations only (no model, no timing)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also compile the step and count its kernels (slow: minutes per shape)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per batch (default 100; quick 10)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--plot", type=Path, default=None,
@@ -287,9 +322,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures: list[StepFigures] = []
     per_shape: dict[str, Any] = {}
     ops: dict[str, Any] = {}
+    compiled: dict[str, Any] = {}  # --compiled: per shape, kernels of the compiled full step
     for shape in shapes:
         print(f"counting operations per step at the {shape} shape (meta device)", flush=True)
         ops[shape] = count_shape(shape, batches)
+        if args.compiled:
+            compiled[shape] = count_compiled_kernels(shape, args.device)
         if args.ops_only:
             continue
         got, info = bench_shape(shape, args.device, batches, warmup, steps)
@@ -315,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "timed_steps": steps,
         "shapes": per_shape,
         "ops": ops,
+        "compiled": compiled,
         "results": [asdict(f) for f in figures],
     }
     if args.json:

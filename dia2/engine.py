@@ -164,6 +164,11 @@ class StepEngine:
     ``use_cuda_graphs``: None = on for a CUDA model unless ``DIA2_CUDA_GRAPHS=0`` or
     :func:`dia2.graphs.no_cuda_graphs`. ``static_shapes``: None = same as graphs (it must be on
     with graphs). The host copies one row per slot in and one [n, 1 + K] tensor out per step.
+
+    ``compile_step`` (opt-in, static shapes only): each bucket's step runs through
+    ``torch.compile`` (compiled at its first run; captured into the CUDA graph after that). It
+    launches far fewer kernels (bench/RESULTS.md) but has not yet been checked under CUDA graphs
+    on a GPU, and compiling takes minutes per bucket: off by default.
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class StepEngine:
         use_cuda_graphs: bool | None = None,
         static_shapes: bool | None = None,
         max_top_k: int = MAX_TOP_K,
+        compile_step: bool = False,
     ) -> None:
         cfg = model.config
         self.model = model
@@ -195,6 +201,10 @@ class StepEngine:
             raise ValueError("CUDA graphs replay fixed shapes: use static_shapes=None or True with use_cuda_graphs")
         self.static_shapes = self.use_cuda_graphs if static_shapes is None else static_shapes
         self.max_top_k = max_top_k
+        if compile_step and not self.static_shapes:
+            raise ValueError("compile_step=True compiles the fixed-shape step: pass static_shapes=True "
+                             "(or use CUDA graphs, which imply it)")
+        self.compile_step = compile_step
         dev = self.device
         use_tf32(dev)
         self.delay_tensor = torch.tensor(self.delays, device=dev)
@@ -355,8 +365,8 @@ class StepEngine:
             raise StreamError(f"cannot step {rows} slots: the engine holds {self.capacity}")
         step = self._device_steps[n]
         if step is None:
-            step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs,
-                              memory=self._graph_memory, guard=self._outputs, max_top_k=self.max_top_k)
+            step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs, memory=self._graph_memory,
+                              guard=self._outputs, max_top_k=self.max_top_k, compiled=self.compile_step)
             self._device_steps[n] = step
         return step
 

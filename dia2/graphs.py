@@ -370,6 +370,7 @@ class DeviceStep:
         memory: GraphMemory | None = None,
         guard: OutputGuard | None = None,
         max_top_k: int = MAX_TOP_K,
+        compiled: bool = False,
     ) -> None:
         cfg = model.config
         dev = model.device
@@ -404,11 +405,15 @@ class DeviceStep:
         self.edge_host = torch.zeros((n, Edge.CODES + self.num_codebooks), dtype=torch.long,
                                      pin_memory=dev.type == "cuda")
         self.edge_copied = torch.cuda.Event() if dev.type == "cuda" else None
+        # Opt-in: the fixed-shape step through torch.compile (Inductor fuses the elementwise ops
+        # between GEMMs), compiled on first use, before a graph captures it (the pre-capture runs).
+        run = torch.compile(self.forward, fullgraph=True, dynamic=False) if compiled else self.forward
+        self.compiled = compiled
         self._with_depformer = CUDAGraphed(
-            lambda x: self.forward(x, depformer=True), name=f"step[{n}]+depformer", disable=not graphed, memory=memory
+            lambda x: run(x, depformer=True), name=f"step[{n}]+depformer", disable=not graphed, memory=memory
         )
         self._without_depformer = CUDAGraphed(
-            lambda x: self.forward(x, depformer=False), name=f"step[{n}]", disable=not graphed, memory=memory
+            lambda x: run(x, depformer=False), name=f"step[{n}]", disable=not graphed, memory=memory
         )
 
     @property

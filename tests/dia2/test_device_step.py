@@ -325,6 +325,7 @@ def random_2b_on_cuda() -> Dia2Model:
 
 
 def run_2b(engine: StepEngine, steps: int) -> list[torch.Tensor]:
+    """One greedy stream for ``steps`` steps (any shape: raw text ids 100…205); its frames."""
     d = engine.config.data
     text = new_text_state(engine.rules, [Entry((100 + i, 200 + i), f"w{i}") for i in range(6)])
     engine.start_fresh(0, GenerationConfig(seed=3).greedy(), text, 1)
@@ -389,3 +390,23 @@ def test_cuda_mimi_streaming_decode_equals_cpu_within_tf32_tolerance(tiny_mimi_d
     scale = ref.abs().max().item()
     assert scale > 0
     assert (got.float() - ref).abs().max().item() <= 2e-2 * scale
+
+
+def test_a_compiled_step_needs_static_shapes(tiny_runtime: Dia2) -> None:
+    with pytest.raises(ValueError, match="static_shapes=True"):
+        StepEngine(tiny_runtime.model, tiny_runtime.rules(), max_streams=1, compile_step=True)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_compiled_step_under_graphs_gives_the_eager_tokens(graphs_on: None, tiny_model_dir: Path) -> None:
+    """compile_step is opt-in until this passes: Inductor's code captured into the step's CUDA
+    graph (compiled during the pre-capture runs) against the same shapes run eagerly, fp32."""
+    runtime = Dia2.load(tiny_model_dir, device="cuda", dtype="float32", progress=False)
+    rules = rules_without_tokenizer(runtime.model.config)
+    compiled = StepEngine(runtime.model, rules, max_streams=2, use_cuda_graphs=True, compile_step=True)
+    assert compiled.use_cuda_graphs and all(compiled._device_steps[n].compiled for n in (1, 2))  # type: ignore[union-attr]
+    static = StepEngine(runtime.model, rules, max_streams=2, use_cuda_graphs=False, static_shapes=True)
+    a, b = run_2b(compiled, 30), run_2b(static, 30)
+    assert len(a) == len(b) > 0
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
