@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(level or "WARNING")
         return main_simulate(argv[1:])
     if argv[:1] == ["voice"]:
-        from .voices.cli import main_voice
+        from .voicecheck.cli import main_voice
 
         _setup_logging(level or "INFO")
         return main_voice(argv[1:])

@@ -307,6 +307,26 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class VoiceCheckSettings:
+    """``callbridge voice check`` thresholds (why each default: config/callbridge.toml [voice_check])."""
+
+    stt_model: str = ""  # empty: [speech] model (same backend); nothing is downloaded
+    max_wer: float = 0.25  # overall word error rate, all turns together
+    max_turn_wer: float = 0.5  # any one turn
+    max_leak_turns: int = 0  # turns that open with the prompt's own words
+    leak_words: int = 3  # consecutive prompt words that make a leak
+    max_pre_speech_ms: int = 300  # non-silent audio before the first word
+    min_prompt_similarity: float = 0.75  # speaker similarity of each turn to the prompt audio
+    min_turn_similarity: float = 0.75  # of each turn to the other turns (mean)
+    max_clipped_fraction: float = 0.001  # samples at full scale
+    min_level_dbfs: float = -35.0  # speech RMS level; quieter is hard to hear on a phone line
+    min_words_per_s: float = 1.5  # speaking rate bounds (heard words over the speech time)
+    max_words_per_s: float = 4.5
+    max_ttfa_s: float = 0.0  # time to first audio; 0 = reported, not judged (it depends on the machine)
+    build_check_turns: int = 3  # sentences `voice build` checks at its end
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -321,6 +341,7 @@ class Settings:
     speech: SpeechSettings = SpeechSettings()
     sip: SipSettings = SipSettings()
     cluster: ClusterSettings = ClusterSettings()
+    voice_check: VoiceCheckSettings = VoiceCheckSettings()
 
     def with_(self, **sections: dict[str, Any]) -> Settings:
         """A copy with some keys replaced, e.g. ``with_(server={"port": 0})`` (validated)."""
@@ -459,6 +480,7 @@ def validate(s: Settings) -> None:
     _validate_speech(s.speech)
     _validate_sip(s.sip)
     _validate_cluster(s.cluster, s.server)
+    _validate_voice_check(s.voice_check)
 
 
 def _validate_cluster(c: ClusterSettings, server: ServerSettings) -> None:
@@ -490,6 +512,34 @@ def _validate_cluster(c: ClusterSettings, server: ServerSettings) -> None:
     if not (c.public_url or server.public_base_url):
         raise bad("public_url", c.public_url, "with CALLBRIDGE_REDIS_URL set, Twilio must reach this instance: set "
                   "CALLBRIDGE_INSTANCE_PUBLIC_URL (or CALLBRIDGE_PUBLIC_BASE_URL)")
+
+
+def _validate_voice_check(vc: VoiceCheckSettings) -> None:
+    def bad(key: str, value: Any, why: str) -> SettingsError:
+        return SettingsError(f"voice_check.{key} = {value!r}: {why}")
+
+    for key in ("max_wer", "max_turn_wer"):
+        if getattr(vc, key) < 0:
+            raise bad(key, getattr(vc, key), "must be >= 0 (a word error rate; 0 = every word right)")
+    if vc.max_leak_turns < 0:
+        raise bad("max_leak_turns", vc.max_leak_turns, "must be >= 0")
+    if not 1 <= vc.leak_words <= 20:
+        raise bad("leak_words", vc.leak_words, "must be 1…20")
+    if vc.max_pre_speech_ms < 0:
+        raise bad("max_pre_speech_ms", vc.max_pre_speech_ms, "must be >= 0")
+    for key in ("min_prompt_similarity", "min_turn_similarity"):
+        if not -1.0 <= getattr(vc, key) <= 1.0:
+            raise bad(key, getattr(vc, key), "must be -1…1 (a cosine similarity)")
+    if not 0.0 <= vc.max_clipped_fraction <= 1.0:
+        raise bad("max_clipped_fraction", vc.max_clipped_fraction, "must be 0…1")
+    if vc.min_level_dbfs > 0:
+        raise bad("min_level_dbfs", vc.min_level_dbfs, "must be <= 0 (dB below full scale)")
+    if not 0 <= vc.min_words_per_s <= vc.max_words_per_s:
+        raise bad("min_words_per_s", vc.min_words_per_s, "must be >= 0 and at most max_words_per_s")
+    if vc.max_ttfa_s < 0:
+        raise bad("max_ttfa_s", vc.max_ttfa_s, "must be >= 0 (0 = not judged)")
+    if not 1 <= vc.build_check_turns <= 20:
+        raise bad("build_check_turns", vc.build_check_turns, "must be 1…20")
 
 
 def _validate_speech(sp: SpeechSettings) -> None:

@@ -4,7 +4,7 @@ Read from the source (``ast``), so every import counts, including those inside f
 - no import circle among the modules of ``callbridge`` and ``dia2``;
 - ``dia2`` never imports ``callbridge``; callbridge imports only ``dia2``'s declared public API
   (names in ``dia2.__all__``, from ``dia2`` itself);
-- inside callbridge, layers import downwards only: cli → web, sim → transports → calls →
+- inside callbridge, layers import downwards only: cli → web, sim → transports → (calls, voicecheck) →
   (tts, audio, voices, speech, cluster, startup) → (config, metrics);
 - the simulator imports nothing of the service (it exists to check the service from outside).
 """
@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "callbridge.sim": 5,
     "callbridge.transports": 4,
     "callbridge.calls": 3,
+    "callbridge.voicecheck": 3,
     "callbridge.tts": 2,
     "callbridge.audio": 2,
     "callbridge.voices": 2,

@@ -10,6 +10,8 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dia2 import FRAME_RATE_HZ, Dia2, Dia2Error
@@ -38,6 +40,7 @@ callbridge voice build --rebuild-all [--model ...]
 callbridge voice list
 callbridge voice show NAME [--model ...] [--json]
 callbridge voice remove NAME
+callbridge voice check NAME [--sentences FILE] [--turns N] [--report DIR] [--model ...]
 (every command also takes --voices-dir DIR and --config FILE)"""
 
 
@@ -56,7 +59,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: [model] device of the config)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+Command = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class VoiceCliExtension:
+    """What a higher layer adds to ``callbridge voice`` without this module importing it (the
+    voice check sits above voices): more subcommands, more options on the existing ones, a step
+    after a build (given the args, settings, the new folder and the loaded runtime; returns the
+    exit status), and the errors it reports as one line."""
+
+    add_arguments: Callable[[argparse._SubParsersAction, dict[str, argparse.ArgumentParser]], None]
+    commands: dict[str, Command] = field(default_factory=dict)
+    after_build: Callable[[argparse.Namespace, Settings, Path, Dia2], int] | None = None
+    errors: tuple[type[Exception], ...] = ()
+
+
+def build_parser(extension: VoiceCliExtension | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callbridge voice", description="Build and manage cloned voices.",
                                      usage=USAGE)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("remove", prog="callbridge voice remove", help="delete a voice folder (asks nothing)")
     rm.add_argument("name")
     _common(rm)
+    if extension is not None:
+        extension.add_arguments(sub, {"build": build, "list": ls, "show": show, "remove": rm})
     return parser
 
 
@@ -122,7 +143,8 @@ def _load_runtime(args: argparse.Namespace, settings: Settings) -> Dia2:
                      progress=sys.stderr.isatty(), say=_say)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace, after_build: Callable[[argparse.Namespace, Settings, Path, Dia2], int]
+              | None = None) -> int:
     settings = _settings(args)
     voices_dir = _voices_dir(args, settings)
     if args.rebuild_all:
@@ -156,7 +178,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     use = ("it is the default voice" if voice.name == settings.voices.default else
            f"calls use it when the voice webhook URL has ?voice={voice.name}")
     _say(f"done: {folder} ({use}; the service loads voices when it starts)")
-    return 0
+    return after_build(args, settings, folder, runtime) if after_build is not None else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -260,15 +282,23 @@ def cmd_remove(args: argparse.Namespace) -> int:
 COMMANDS = {"build": cmd_build, "list": cmd_list, "show": cmd_show, "remove": cmd_remove}
 
 
-def main_voice(argv: list[str]) -> int:
+def main_voice(argv: list[str], extension: VoiceCliExtension | None = None) -> int:
     """Run ``callbridge voice ...``; returns the exit status (2 for any refused input)."""
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(extension).parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage and the reason already
         return int(exc.code or 0)
+    commands: dict[str, Command] = dict(COMMANDS)
+    errors: tuple[type[Exception], ...] = (VoiceBuildError, VoiceError, SettingsError, Dia2Error)
+    if extension is not None:
+        commands.update(extension.commands)
+        errors += extension.errors
+        if extension.after_build is not None:
+            after = extension.after_build
+            commands["build"] = lambda a: cmd_build(a, after)
     try:
-        return COMMANDS[args.command](args)
-    except (VoiceBuildError, VoiceError, SettingsError, Dia2Error) as exc:
+        return commands[args.command](args)
+    except errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
