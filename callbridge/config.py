@@ -311,8 +311,8 @@ class VoiceCheckSettings:
     """``callbridge voice check`` thresholds (why each default: config/callbridge.toml [voice_check])."""
 
     stt_model: str = ""  # empty: [speech] model (same backend); nothing is downloaded
-    max_wer: float = 0.25  # overall word error rate, all turns together
-    max_turn_wer: float = 0.5  # any one turn
+    max_wer: float = 0.4  # overall word error rate, all turns together
+    max_turn_wer: float = 0.75  # any one turn
     max_leak_turns: int = 0  # turns that open with the prompt's own words
     leak_words: int = 3  # consecutive prompt words that make a leak
     max_pre_speech_ms: int = 300  # non-silent audio before the first word
@@ -321,7 +321,7 @@ class VoiceCheckSettings:
     max_clipped_fraction: float = 0.001  # samples at full scale
     min_level_dbfs: float = -35.0  # speech RMS level; quieter is hard to hear on a phone line
     min_words_per_s: float = 1.5  # speaking rate bounds (heard words over the speech time)
-    max_words_per_s: float = 4.5
+    max_words_per_s: float = 5.0
     max_ttfa_s: float = 0.0  # time to first audio; 0 = reported, not judged (it depends on the machine)
     build_check_turns: int = 3  # sentences `voice build` checks at its end
 

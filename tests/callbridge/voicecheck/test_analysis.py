@@ -193,7 +193,7 @@ def test_report_json_and_page_hold_every_turn_its_words_and_the_verdict(tmp_path
     assert data["passed"] is False and data["leak_turns"] == 1 and len(data["turns"]) == 2
     assert data["turns"][1]["leak"]["words"].startswith("good morning you")
     assert data["turns"][0]["words"][0] == {"word": "Your", "start": 0.5, "end": 0.74, "p": 0.9}
-    assert data["similarity"] == [[1.0, 1.0], [1.0, 1.0]] and data["thresholds"]["max_wer"] == 0.25
+    assert data["similarity"] == [[1.0, 1.0], [1.0, 1.0]] and data["thresholds"]["max_wer"] == VoiceCheckSettings().max_wer
     text = page.read_text()
     assert page.name == PAGE_FILE and "FAIL" in text and text.count("<svg") == 2 and ">Friday.<" in text
     assert "prompt leak" in text and 'src="turn2_8k.wav"' in text
