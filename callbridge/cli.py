@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="act as Twilio against a running service", add_help=False)
     sim.set_defaults(func=None)
 
-    voice = sub.add_parser("voice", help="build, list, show and remove voices", add_help=False)
+    voice = sub.add_parser("voice", help="build, check, list, show and remove voices", add_help=False)
     voice.set_defaults(func=None)
     return parser
 

@@ -77,9 +77,10 @@ class Leak:
 
     words: tuple[str, ...]
     at_s: float  # where the first of them starts in the turn
+    end_s: float  # where the last of them ends
 
     def to_json(self) -> dict[str, Any]:
-        return {"words": " ".join(self.words), "at_s": round(self.at_s, 3)}
+        return {"words": " ".join(self.words), "at_s": round(self.at_s, 3), "end_s": round(self.end_s, 3)}
 
 
 @dataclass(frozen=True)
@@ -216,9 +217,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------------------- words
 
 
-def _tokens(words: Sequence[Word]) -> list[tuple[str, float]]:
-    """Normalised tokens of heard words, each with its word's start ("4,729" gives several)."""
-    return [(token, w.start) for w in words for token in normalise(w.word)]
+def _tokens(words: Sequence[Word]) -> list[tuple[str, Word]]:
+    """Normalised tokens of heard words, each with its word ("4,729" gives several)."""
+    return [(token, w) for w in words for token in normalise(w.word)]
 
 
 def find_leak(heard: Sequence[Word], prompt_transcript: str, text: str, *, min_words: int) -> Leak | None:
@@ -245,7 +246,7 @@ def find_leak(heard: Sequence[Word], prompt_transcript: str, text: str, *, min_w
             end = i + k
             while end < len(words) and tuple(words[end - k + 1 : end + 1]) in grams:
                 end += 1
-            return Leak(tuple(words[i:end]), opening[i][1])
+            return Leak(tuple(words[i:end]), opening[i][1].start, opening[end - 1][1].end)
     return None
 
 

@@ -67,7 +67,7 @@ def _summary(result: CheckResult) -> list[str]:
     return lines
 
 
-def _check(args: argparse.Namespace, settings: Settings, voice: VoiceUnderCheck, runtime: Dia2,
+def _check(settings: Settings, voice: VoiceUnderCheck, runtime: Dia2,
            sentences: tuple[str, ...], report_dir: Path, *, transcriber: Any, encoder: Any) -> CheckResult:
     result, turns = run_check(runtime, voice, sentences, settings, transcriber=transcriber, encoder=encoder,
                               say=_say)
@@ -97,7 +97,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise CheckError(str(exc)) from None
     runtime = _load_runtime(args, settings)
     report_dir = args.report or voice.folder / REPORT_SUBDIR
-    result = _check(args, settings, voice, runtime, sentences, report_dir, transcriber=transcriber, encoder=encoder)
+    result = _check(settings, voice, runtime, sentences, report_dir, transcriber=transcriber, encoder=encoder)
     print("\n".join(_summary(result)))
     return 0 if result.passed else 1
 
@@ -115,7 +115,7 @@ def after_build(args: argparse.Namespace, settings: Settings, folder: Path, runt
         return 0
     voice = load_voice(folder.parent, folder.name)
     sentences = choose_sentences(DEFAULT_SENTENCES, settings.voice_check.build_check_turns)
-    result = _check(args, settings, voice, runtime, sentences, folder / REPORT_SUBDIR,
+    result = _check(settings, voice, runtime, sentences, folder / REPORT_SUBDIR,
                     transcriber=transcriber, encoder=encoder)
     for line in _summary(result):
         _say(f"voice check: {line}")

@@ -61,7 +61,7 @@ def waveform_svg(pcm24k: np.ndarray, f: TurnFigures) -> str:
     parts.append(f'<rect x="0" y="{LABEL_H}" width="{SVG_W}" height="{SVG_H}" fill="#f6f7f9"/>')
     if f.leak is not None:
         x0 = f.leak.at_s / duration * SVG_W
-        x1 = max((w.end for w in f.heard[: len(f.leak.words)]), default=f.leak.at_s) / duration * SVG_W
+        x1 = f.leak.end_s / duration * SVG_W
         parts.append(f'<rect x="{x0:.1f}" y="{LABEL_H}" width="{max(x1 - x0, 2):.1f}" height="{SVG_H}" '
                      'fill="#f8d0d0"><title>prompt leak</title></rect>')
     if pcm24k.size:

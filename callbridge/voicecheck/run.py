@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dia2 import Dia2, VoiceSnapshot, load_snapshot
+from dia2 import Dia2, Dia2Error, VoiceSnapshot, load_snapshot
 
 from ..audio import LINE_RATE, TTS_RATE, OutboundAudio, ulaw_to_pcm16
 from ..config import Settings
 from ..speech.factory import transcriber_factory
 from ..speech.transcriber import Transcriber, TranscriberError, Word
 from ..speech.worker import to_stt_audio
-from ..tts import TtsWorker, generation_config
-from ..voices.build import PROMPT_FILE, VoiceManifest
+from ..tts import TtsWorker, TurnFailed, generation_config
+from ..voices.build import PROMPT_FILE, VoiceBuildError, VoiceManifest
 from ..voices.registry import SNAPSHOT_FILE
 from .analysis import CheckResult, PromptInput, TurnInput, analyse
 from .speaker import SpeakerEncoder
@@ -74,7 +74,7 @@ def load_voice(voices_dir: Path, name: str) -> VoiceUnderCheck:
                          "--audio FILE)")
     try:
         manifest = VoiceManifest.read(folder)
-    except Exception as exc:  # noqa: BLE001 - VoiceBuildError and friends: one line, with the fix
+    except VoiceBuildError as exc:
         raise CheckError(f"voice {name!r}: {exc}") from None
     try:
         pcm, rate = sf.read(str(folder / PROMPT_FILE), dtype="float32", always_2d=True)
@@ -102,8 +102,6 @@ def load_transcriber(settings: Settings) -> Transcriber:
 async def synthesize(runtime: Dia2, snapshot: VoiceSnapshot, sentences: Sequence[str], settings: Settings,
                      say: Say) -> list[Synthesized]:
     """Each sentence as its own turn from ``snapshot``, one after another, through the calls' path."""
-    from ..tts import TurnFailed
-
     worker = TtsWorker(runtime, 1, name="voice-check")
     worker.start()
     out: list[Synthesized] = []
@@ -174,7 +172,7 @@ def run_check(
     """Synthesize, hear, embed, judge. The caller writes the report."""
     try:
         snapshot = load_snapshot(voice.folder / SNAPSHOT_FILE, runtime)
-    except Exception as exc:  # noqa: BLE001 - Dia2Error: the snapshot is of another model
+    except Dia2Error as exc:  # the snapshot is of another model, or broken
         raise CheckError(f"voice {voice.name!r}: {exc} (rebuild it: callbridge voice build --rebuild-all)") from None
     say(f"synthesizing {len(sentences)} turn(s) of voice {voice.name!r}")
     turns = asyncio.run(synthesize(runtime, snapshot, sentences, settings, say))

@@ -97,6 +97,7 @@ def test_a_turn_that_opens_with_the_prompt_leaks() -> None:
     leak = find_leak(heard, PROMPT, "Your order ships on Friday.", min_words=3)
     assert leak is not None and leak.words[:3] == ("good", "morning", "you") and leak.at_s == pytest.approx(0.5)
     assert len(leak.words) == 9  # the whole run, not only the first three
+    assert leak.end_s == pytest.approx(0.5 + 8.8 * 0.3)
 
 
 def test_prompt_words_said_by_the_sentence_itself_or_too_few_are_no_leak() -> None:
