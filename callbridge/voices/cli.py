@@ -60,6 +60,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 Command = Callable[[argparse.Namespace], int]
+AfterBuild = Callable[[argparse.Namespace, Settings, Path, Dia2], int]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class VoiceCliExtension:
 
     add_arguments: Callable[[argparse._SubParsersAction, dict[str, argparse.ArgumentParser]], None]
     commands: dict[str, Command] = field(default_factory=dict)
-    after_build: Callable[[argparse.Namespace, Settings, Path, Dia2], int] | None = None
+    after_build: AfterBuild | None = None
     errors: tuple[type[Exception], ...] = ()
 
 
@@ -143,8 +144,7 @@ def _load_runtime(args: argparse.Namespace, settings: Settings) -> Dia2:
                      progress=sys.stderr.isatty(), say=_say)
 
 
-def cmd_build(args: argparse.Namespace, after_build: Callable[[argparse.Namespace, Settings, Path, Dia2], int]
-              | None = None) -> int:
+def cmd_build(args: argparse.Namespace, after_build: AfterBuild | None = None) -> int:
     settings = _settings(args)
     voices_dir = _voices_dir(args, settings)
     if args.rebuild_all:
