@@ -21,7 +21,7 @@ from .voices import VoiceError
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Libraries whose INFO lines are theirs, not ours: twilio logs every REST request and response
 # (about 11 lines per hang-up, with the account URL).
-QUIET_LIBRARIES = ("twilio",)
+QUIET_LIBRARIES = ("twilio", "faster_whisper")  # their INFO lines (per request, per decode) drown ours
 
 
 def _say(msg: str) -> None:

@@ -234,11 +234,13 @@ def test_random_tiny_is_written_to_the_cache_folder_never_the_working_directory(
     assert not (tmp_path / "out").exists()
 
 
-def test_twilio_library_info_lines_stay_out_of_our_logs() -> None:
-    """twilio logs ~11 INFO lines per REST hang-up, with the account URL."""
+def test_library_info_lines_stay_out_of_our_logs() -> None:
+    """twilio logs ~11 INFO lines per REST hang-up, with the account URL; faster-whisper one
+    per decoded utterance."""
     _setup_logging("INFO")
-    assert not logging.getLogger("twilio.http_client").isEnabledFor(logging.INFO)
-    assert logging.getLogger("twilio.http_client").isEnabledFor(logging.WARNING)
+    for name in ("twilio.http_client", "faster_whisper"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO)
+        assert logging.getLogger(name).isEnabledFor(logging.WARNING)
     assert logging.getLogger("callbridge.calls").isEnabledFor(logging.INFO)
 
 
