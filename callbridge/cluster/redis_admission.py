@@ -10,7 +10,9 @@ Keys (all under ``cluster.key_prefix``):
   removes ended ones; a slot promised to a stream that never comes expires on its own;
 - ``call:{sid}`` → owning instance id (the directory), TTL refreshed by the owner;
 - ``ticket:{token}`` → the instance and the call a webhook on another instance placed there,
-  consumed once by the stream upgrade (``GETDEL``), expiring with the stream token;
+  consumed once by that instance's stream upgrade (read and deleted in one script, and only by
+  the instance it names: a stream sent to the wrong one leaves it for the right one), expiring
+  with the stream token;
 - ``seen:{sid}`` for an hour: a replayed webhook is refused on every instance.
 
 Every decision that counts slots runs inside one Lua script (Redis runs scripts one at a time),
@@ -81,6 +83,17 @@ if best ~= me then
   redis.call('SET', p .. 'ticket:' .. ARGV[5], best .. '\\n' .. ARGV[6], 'PX', ARGV[8])
 end
 return {'ok', best, best_url}
+"""
+
+# ARGV: prefix, me, token -> the ticket's payload when it names this instance (then deleted), else nil
+CLAIM = """
+local key = ARGV[1] .. 'ticket:' .. ARGV[3]
+local raw = redis.call('GET', key)
+if not raw then return false end
+local nl = string.find(raw, '\\n', 1, true)
+if not nl or string.sub(raw, 1, nl - 1) ~= ARGV[2] then return false end
+redis.call('DEL', key)
+return string.sub(raw, nl + 1)
 """
 
 # ARGV: prefix, me, ttl_ms, internal_url, public_url, capacity, ready, n_live, live sids..., gone sids...
@@ -165,6 +178,7 @@ class RedisAdmission(Admission):
         self._owner = self.redis.register_script(OWNER)
         self._instances = self.redis.register_script(INSTANCES)
         self._unreserve = self.redis.register_script(UNRESERVE)
+        self._claim = self.redis.register_script(CLAIM)
         self._leave = self.redis.register_script(LEAVE)
         self._foreign = 0  # slots other instances promised here, stream not arrived (last heartbeat)
         self._wake = asyncio.Event()
@@ -310,15 +324,11 @@ class RedisAdmission(Admission):
 
     async def claim(self, token: str) -> tuple[Ticket, Reservation] | None:
         try:
-            raw = await self.redis.getdel(self.prefix + "ticket:" + token)
+            payload = await self._claim(args=[self.prefix, self.me.id, token])
         except (RedisError, OSError) as exc:
             self._unreachable("stream token look-up", exc)
             return None
-        if raw is None:
-            return None
-        instance, _, payload = str(raw).partition("\n")
-        if instance != self.me.id:
-            log.warning("refused a stream token placed for instance %s (this is %s)", instance, self.me.id)
+        if payload is None:  # unknown, used, expired, or placed on another instance (left for it)
             return None
         data = json.loads(payload)
         ticket = Ticket(call_sid=data["call_sid"], voice=data["voice"], greeting=data["greeting"])

@@ -166,6 +166,31 @@ async def test_concurrent_reservations_never_promise_a_slot_twice(redis_server: 
             await node.stop()
 
 
+async def test_a_ticket_is_taken_once_and_only_by_the_instance_it_names(redis_server: RedisServer,
+                                                                         prefix: str) -> None:
+    a, b, c = (admission(redis_server.url, prefix, name, 1) for name in "abc")
+    for node in (a, b, c):
+        await node.start()
+    try:
+        here = await a.place("CA" + "1" * 32, "t1", Ticket("CA" + "1" * 32, "v", ""))
+        there = await a.place("CA" + "2" * 32, "t2", Ticket("CA" + "2" * 32, "v", "hi"))
+        assert isinstance(here, Placement) and here.local
+        assert isinstance(there, Placement) and not there.local
+        target = {"b": b, "c": c}[there.instance.id]
+        other = c if target is b else b
+        # A stream sent to the wrong instance (a or the other one) is refused there and leaves
+        # the ticket for the instance it names.
+        assert await a.claim("t2") is None
+        assert await other.claim("t2") is None
+        claimed = await target.claim("t2")
+        assert claimed is not None and claimed[0] == Ticket("CA" + "2" * 32, "v", "hi")
+        assert await target.claim("t2") is None  # once
+        assert target._worker().held == 1 and other._worker().held == 0  # type: ignore[attr-defined]
+    finally:
+        for node in (a, b, c):
+            await node.stop()
+
+
 async def test_a_dead_instance_stops_counting_and_a_released_slot_is_free_again(redis_server: RedisServer,
                                                                                 prefix: str) -> None:
     a, b = admission(redis_server.url, prefix, "a", 1), admission(redis_server.url, prefix, "b", 1)
