@@ -89,10 +89,21 @@ async def forward_http(request: web.Request, owner: Instance) -> web.Response:
             headers = {k: resp.headers[k] for k in ("WWW-Authenticate",) if k in resp.headers}
             return web.Response(body=data, status=resp.status, headers=headers,
                                 content_type=resp.content_type, charset=resp.charset)
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        log.warning("instance %s (holding the call) did not answer a forwarded %s: %s", owner.id, request.method,
-                    type(exc).__name__)
-        raise JsonError(502, f"instance {owner.id}, which holds this call, did not answer") from None
+    except TimeoutError:
+        raise _timed_out(owner, f"a forwarded {request.method}", settings.forward_timeout_s) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _unreachable(owner, f"a forwarded {request.method}", exc) from None
+
+
+def _timed_out(owner: Instance, what: str, timeout_s: float) -> JsonError:
+    log.warning("instance %s (holding the call) did not answer %s within %.1f s", owner.id, what, timeout_s)
+    return JsonError(504, f"instance {owner.id}, which holds this call, did not answer within {timeout_s:g} s "
+                          "(cluster.forward_timeout_s)")
+
+
+def _unreachable(owner: Instance, what: str, exc: BaseException) -> JsonError:
+    log.warning("instance %s (holding the call) could not be reached for %s: %s", owner.id, what, type(exc).__name__)
+    return JsonError(502, f"instance {owner.id}, which holds this call, could not be reached ({type(exc).__name__})")
 
 
 async def proxy_websocket(request: web.Request, owner: Instance) -> web.StreamResponse:
@@ -100,14 +111,19 @@ async def proxy_websocket(request: web.Request, owner: Instance) -> web.StreamRe
     first, so a refusal there (401, 404, 409) is this request's answer too."""
     svc = services(request)
     url = owner.internal_url + request.rel_url.raw_path_qs
+    timeout_s = svc.settings.cluster.forward_timeout_s
+    session = _session(request)
     try:
-        upstream = await _session(request).ws_connect(url, headers=_forward_headers(request), max_msg_size=256 * 1024,
-                                                      heartbeat=20.0)
+        # The handshake is bounded like a forwarded request (the session's own default is 5 min).
+        async with asyncio.timeout(timeout_s):
+            upstream = await session.ws_connect(url, headers=_forward_headers(request), max_msg_size=256 * 1024,
+                                                heartbeat=20.0)
     except aiohttp.WSServerHandshakeError as exc:
         raise JsonError(exc.status, f"instance {owner.id} refused the text socket") from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        log.warning("instance %s (holding the call) refused a text socket: %s", owner.id, type(exc).__name__)
-        raise JsonError(502, f"instance {owner.id}, which holds this call, did not answer") from None
+    except TimeoutError:
+        raise _timed_out(owner, "a text socket's handshake", timeout_s) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _unreachable(owner, "a text socket", exc) from None
     ws = web.WebSocketResponse(max_msg_size=256 * 1024, heartbeat=20.0)
     try:
         await ws.prepare(request)
@@ -183,7 +199,9 @@ async def cluster_context(app: web.Application) -> AsyncIterator[None]:
     svc = app[SERVICES]
     assert svc.admission is not None
     if svc.admission.clustered:
-        svc.http = aiohttp.ClientSession()
+        # No connection limit: a relayed text socket holds its connection for the whole call, and
+        # with aiohttp's default (100) that many sockets would stall every forwarded request.
+        svc.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     await svc.admission.start()
     try:
         yield

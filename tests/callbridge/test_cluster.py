@@ -285,7 +285,7 @@ HEADERS = {"Authorization": f"Bearer {API}"}
 
 @contextlib.asynccontextmanager
 async def cluster(tiny_runtime: Dia2, tmp: Path, redis_url: str, prefix: str,
-                  max_calls: dict[str, int]) -> AsyncIterator[Cluster]:
+                  max_calls: dict[str, int], **cluster_settings: Any) -> AsyncIterator[Cluster]:
     rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
     rest_url = await rest.start()
     nodes: dict[str, Node] = {}
@@ -298,7 +298,7 @@ async def cluster(tiny_runtime: Dia2, tmp: Path, redis_url: str, prefix: str,
                 port, tmp, rest_url, calls={"max_calls": limit, "hangup_drain_timeout_s": 1.0},
                 cluster={"redis_url": redis_url, "key_prefix": prefix, "instance_id": name,
                          "internal_url": f"http://127.0.0.1:{port}", "public_url": public,
-                         "heartbeat_s": HEARTBEAT_S, "ttl_s": TTL_S})
+                         "heartbeat_s": HEARTBEAT_S, "ttl_s": TTL_S, **cluster_settings})
             app = build_app(settings, runtime=tiny_runtime)
             runner = web.AppRunner(app)
             await runner.setup()
@@ -415,6 +415,69 @@ async def test_a_call_through_a_full_instance_lands_on_another_and_a_drives_it(
         await poll(lambda: _is(c.redis.exists(f"{prefix}call:{sid}"), 0), "the call left the directory")
         async with aiohttp.ClientSession() as http, http.get(f"{a.base}/calls/{sid}", headers=HEADERS) as resp:
             assert resp.status == 404
+
+
+async def test_an_owner_that_hangs_or_is_gone_is_a_504_or_a_502_with_a_clear_body(
+        tiny_runtime: Dia2, tmp_path: Path, redis_server: RedisServer, prefix: str) -> None:
+    """The directory names an owner that accepts connections and never answers (hung), or one
+    whose port is closed: a forwarded request and a text socket end with 504 / 502 and say so."""
+    release = asyncio.Event()
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        writer.close()
+
+    hung = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    hung_port = hung.sockets[0].getsockname()[1]
+    try:
+        async with cluster(tiny_runtime, tmp_path, redis_server.url, prefix, {"a": 1}, forward_timeout_s=1.0) as c:
+            a = c.nodes["a"]
+            for name, url in (("hung", f"http://127.0.0.1:{hung_port}"), ("gone", f"http://127.0.0.1:{free_port()}")):
+                await c.redis.hset(f"{prefix}inst:{name}", mapping={"internal_url": url, "public_url": "", "capacity": 1,
+                                                                    "ready": 1})
+                await c.redis.set(f"{prefix}call:CA{name:0>32}", name)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{a.base}/calls/CA{'hung':0>32}", headers=HEADERS) as resp:
+                    assert resp.status == 504
+                    assert "instance hung, which holds this call, did not answer within 1 s" in (await resp.json())["error"]
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(f"{a.base}/calls/CA{'hung':0>32}/text", headers=HEADERS)
+                assert refused.value.status == 504
+                async with http.post(f"{a.base}/calls/CA{'gone':0>32}/hangup", headers=HEADERS) as resp:
+                    assert resp.status == 502
+                    assert "instance gone, which holds this call, could not be reached" in (await resp.json())["error"]
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(f"{a.base}/calls/CA{'gone':0>32}/text", headers=HEADERS)
+                assert refused.value.status == 502
+    finally:
+        release.set()
+        hung.close()
+        await hung.wait_closed()
+
+
+async def test_many_relayed_text_sockets_do_not_stall_forwarding(
+        tiny_runtime: Dia2, tmp_path: Path, redis_server: RedisServer, prefix: str) -> None:
+    """A relayed text socket holds its connection to the owner for the call's life: 100 of them
+    (aiohttp's default connection limit) must not stop other requests from being forwarded."""
+    async with cluster(tiny_runtime, tmp_path, redis_server.url, prefix, {"a": 1, "b": 1}) as c:
+        a, b = c.nodes["a"], c.nodes["b"]
+        await hold_slot(a, "CA" + "a" * 32)
+        held = Held(c.sim("a"))
+        sid = await held.started()
+        assert sid in b.svc.calls
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            sockets = [await http.ws_connect(f"{a.base}/calls/{sid}/text", headers=HEADERS) for _ in range(100)]
+            async with http.get(f"{a.base}/calls/{sid}", headers=HEADERS) as resp:
+                assert resp.status == 200, await resp.text()
+            await sockets[0].send_json({"type": "ping"})
+            async with asyncio.timeout(WAIT_S):  # relayed both ways (call events may come first)
+                while (await sockets[0].receive_json())["event"] != "pong":
+                    pass
+            async with http.post(f"{a.base}/calls/{sid}/hangup", headers=HEADERS) as resp:
+                assert resp.status == 202
+            for ws in sockets:
+                await ws.close()
+        assert (await held.report())["ended_by"] == "rest"
 
 
 async def test_a_killed_instance_loses_only_its_calls_and_new_calls_go_elsewhere(
