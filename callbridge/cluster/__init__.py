@@ -13,13 +13,13 @@ from ..tts import TtsWorker
 from .admission import Admission, ClusterUnavailable, Instance, Placement, Refused, Ticket
 
 
-def build_admission(settings: Settings, worker: Callable[[], TtsWorker | None],
-                    ready: Callable[[], bool]) -> Admission:
+def build_admission(settings: Settings, worker: Callable[[], TtsWorker | None], ready: Callable[[], bool],
+                    expire: Callable[[], None] = lambda: None) -> Admission:
     if not settings.cluster.enabled:
-        return Admission(settings, worker, ready)
+        return Admission(settings, worker, ready, expire)
     from .redis_admission import RedisAdmission  # the redis package is needed only then
 
-    return RedisAdmission(settings, worker, ready)
+    return RedisAdmission(settings, worker, ready, expire)
 
 
 __all__ = ["Admission", "ClusterUnavailable", "Instance", "Placement", "Refused", "Ticket", "build_admission"]

@@ -79,14 +79,17 @@ class Admission:
     """Embedded admission: one instance, everything in memory (no Redis configured).
 
     ``worker`` gives the TTS worker once it exists; ``ready`` says whether calls are admitted
-    now (the service's readiness rule)."""
+    now (the service's readiness rule); ``expire`` releases the reservations of admitted calls
+    whose stream never came (the stream tokens' expiry), run before each count."""
 
     clustered = False
 
-    def __init__(self, settings: Settings, worker: Callable[[], TtsWorker | None], ready: Callable[[], bool]) -> None:
+    def __init__(self, settings: Settings, worker: Callable[[], TtsWorker | None], ready: Callable[[], bool],
+                 expire: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self._worker = worker
         self._ready = ready
+        self._expire = expire
         c = settings.cluster
         self.me = Instance(id=c.instance_id or default_instance_id(settings.server.port),
                            internal_url=c.internal_url.rstrip("/"), public_url=c.public_url.rstrip("/"))
@@ -120,6 +123,7 @@ class Admission:
         return min(self.settings.calls.max_calls, worker.capacity) if worker is not None else 0
 
     def _prune(self) -> None:
+        self._expire()
         for sid in [s for s, r in self._held.items() if r.released]:
             del self._held[sid]
             self._gone.append(sid)

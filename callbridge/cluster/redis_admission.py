@@ -161,8 +161,9 @@ class RedisAdmission(Admission):
 
     clustered = True
 
-    def __init__(self, settings: Settings, worker: Callable[[], TtsWorker | None], ready: Callable[[], bool]) -> None:
-        super().__init__(settings, worker, ready)
+    def __init__(self, settings: Settings, worker: Callable[[], TtsWorker | None], ready: Callable[[], bool],
+                 expire: Callable[[], None] = lambda: None) -> None:
+        super().__init__(settings, worker, ready, expire)
         c = settings.cluster
         self.prefix = c.key_prefix
         self.ttl_ms = int(c.ttl_s * 1000)

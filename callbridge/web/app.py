@@ -88,7 +88,8 @@ def build_app(
     if agent is not None:
         app[AGENT] = agent
     svc = Services(settings=settings, metrics=Metrics(), tokens=StreamTokens(settings.twilio.stream_token_ttl_s))
-    svc.admission = build_admission(settings, worker=lambda: svc.worker, ready=lambda: svc.readiness().ready)
+    svc.admission = build_admission(settings, worker=lambda: svc.worker, ready=lambda: svc.readiness().ready,
+                                    expire=svc.tokens.expire)
     app[SERVICES] = svc
     app.router.add_post("/twilio/voice", twilio_voice)
     app.router.add_post("/twilio/stream-status", twilio_stream_status)

@@ -40,7 +40,7 @@ class StreamTokens:
 
     def add(self, token: str, call_sid: str, voice: str, greeting: str, reservation: Reservation) -> None:
         """Bind ``token`` (from :meth:`new_token`) to a call admitted here."""
-        self._prune()
+        self.expire()
         self.tokens[token] = StreamBinding(call_sid, voice, greeting, time.monotonic() + self.ttl_s, reservation)
         self.remember(call_sid)
 
@@ -49,7 +49,7 @@ class StreamTokens:
         self.seen_calls[call_sid] = time.monotonic()
 
     def seen(self, call_sid: str) -> bool:
-        self._prune()
+        self.expire()
         return call_sid in self.seen_calls
 
     def consume(self, token: str) -> StreamBinding | None:
@@ -68,7 +68,10 @@ class StreamTokens:
         if binding is not None:
             binding.reservation.release()
 
-    def _prune(self) -> None:
+    def expire(self) -> None:
+        """Drop expired tokens, giving their TTS slots back, and forget old CallSids. Called by each
+        webhook and by the admission whenever it counts calls (clustered: every heartbeat), so a
+        stream that never comes frees its slot even when no other webhook arrives."""
         now = time.monotonic()
         for token in [t for t, b in self.tokens.items() if b.expires_at < now]:
             self.discard(token)  # the stream never came: give its TTS slot back

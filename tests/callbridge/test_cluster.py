@@ -285,7 +285,8 @@ HEADERS = {"Authorization": f"Bearer {API}"}
 
 @contextlib.asynccontextmanager
 async def cluster(tiny_runtime: Dia2, tmp: Path, redis_url: str, prefix: str,
-                  max_calls: dict[str, int], **cluster_settings: Any) -> AsyncIterator[Cluster]:
+                  max_calls: dict[str, int], twilio: dict[str, Any] | None = None,
+                  **cluster_settings: Any) -> AsyncIterator[Cluster]:
     rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
     rest_url = await rest.start()
     nodes: dict[str, Node] = {}
@@ -295,7 +296,7 @@ async def cluster(tiny_runtime: Dia2, tmp: Path, redis_url: str, prefix: str,
             port = free_port()
             public = f"https://{name}.bridge.test"
             settings = settings_for(
-                port, tmp, rest_url, calls={"max_calls": limit, "hangup_drain_timeout_s": 1.0},
+                port, tmp, rest_url, calls={"max_calls": limit, "hangup_drain_timeout_s": 1.0}, twilio=twilio or {},
                 cluster={"redis_url": redis_url, "key_prefix": prefix, "instance_id": name,
                          "internal_url": f"http://127.0.0.1:{port}", "public_url": public,
                          "heartbeat_s": HEARTBEAT_S, "ttl_s": TTL_S, **cluster_settings})
@@ -415,6 +416,20 @@ async def test_a_call_through_a_full_instance_lands_on_another_and_a_drives_it(
         await poll(lambda: _is(c.redis.exists(f"{prefix}call:{sid}"), 0), "the call left the directory")
         async with aiohttp.ClientSession() as http, http.get(f"{a.base}/calls/{sid}", headers=HEADERS) as resp:
             assert resp.status == 404
+
+
+async def test_a_stream_that_never_comes_frees_its_slot_without_another_webhook(
+        tiny_runtime: Dia2, tmp_path: Path, redis_server: RedisServer, prefix: str) -> None:
+    """Twilio got the TwiML but never connects: once the stream token expires, the heartbeat
+    gives the slot back to the cluster (not only when the next webhook lands here)."""
+    async with cluster(tiny_runtime, tmp_path, redis_server.url, prefix, {"a": 1},
+                       twilio={"stream_token_ttl_s": 0.5}) as c:
+        a = c.nodes["a"]
+        assert "wss://a.bridge.test/twilio/stream/" in await hold_slot(a, "CA" + "a" * 32)
+        assert await c.redis.zcard(f"{prefix}slots:a") == 1
+        await poll(lambda: _is(c.redis.zcard(f"{prefix}slots:a"), 0), "the expired token's slot given back")
+        assert await c.redis.get(f"{prefix}call:{'CA' + 'a' * 32}") is None
+        assert a.svc.worker is not None and a.svc.worker.free == a.svc.worker.capacity
 
 
 async def test_an_owner_that_hangs_or_is_gone_is_a_504_or_a_502_with_a_clear_body(
