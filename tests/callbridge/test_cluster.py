@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -595,3 +597,27 @@ async def test_redis_stopped_and_restarted_mid_call(tiny_runtime: Dia2, tmp_path
 
 def prefix_of(c: Cluster) -> str:
     return next(iter(c.nodes.values())).svc.settings.cluster.key_prefix
+
+
+async def test_a_hung_redis_hangs_no_webhook_control_request_or_shutdown(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """Redis stops answering without closing its connections (stopped with SIGSTOP, as a frozen
+    host looks): every request that asks it is bounded by the client's socket timeout, falls back
+    or says so, and the instance shuts down."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    assert server.proc is not None
+    try:
+        async with cluster(tiny_runtime, tmp_path, server.url, "h:", {"a": 1}) as c:
+            a = c.nodes["a"]
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            assert "wss://a.bridge.test/twilio/stream/" in await hold_slot(a, "CA" + "a" * 32)  # admitted here alone
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{a.base}/calls/CA{'b' * 32}", headers=HEADERS) as resp:
+                    assert resp.status == 503
+                async with http.get(f"{a.base}/calls", headers=HEADERS) as resp:
+                    assert (await resp.json())["unreachable"] == ["redis"]
+            await a.runner.cleanup()  # leaving the cluster is bounded too
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
