@@ -289,10 +289,13 @@ class RedisAdmission(Admission):
             return answer
         if answer.id != self.me.id:
             return Placement(answer, None)
-        reservation = self._take_local(call_sid)
+        # The same local rule as admit_local: slots others promised here count (Redis's view of
+        # this instance may lack a SIP call admitted since the last heartbeat; taking the slot
+        # anyway would leave a call placed here by another instance without one).
+        reservation = self._take_local(call_sid, others=self._foreign)
         if reservation is not None:
             return Placement(self.me, reservation)
-        # Redis counted a slot here that the worker cannot give (a SIP call admitted since the
+        # Redis counted a slot here that this instance cannot give (a SIP call admitted since the
         # last heartbeat, /ws/stream_tts turns): give it back and look elsewhere.
         with contextlib.suppress(RedisError, OSError):
             await self._unreserve(args=[self.prefix, self.me.id, call_sid])

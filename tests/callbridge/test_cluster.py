@@ -193,6 +193,29 @@ async def test_a_ticket_is_taken_once_and_only_by_the_instance_it_names(redis_se
             await node.stop()
 
 
+async def test_a_local_admission_not_yet_published_never_takes_a_slot_promised_to_another(
+        redis_server: RedisServer, prefix: str) -> None:
+    """b placed a call on a (a's heartbeat counted it); a then admits a SIP call and, before its
+    next heartbeat, gets a webhook: Redis still sees room on a, but a must not take the slot the
+    call from b is coming for."""
+    a, b = admission(redis_server.url, prefix, "a", 2), admission(redis_server.url, prefix, "b", 1)
+    await a.start()
+    await b.start()
+    try:
+        assert isinstance(await b.place("CA" + "1" * 32, "t1", Ticket("CA" + "1" * 32, "v", "")), Placement)
+        from_b = await b.place("CA" + "2" * 32, "t2", Ticket("CA" + "2" * 32, "v", ""))
+        assert isinstance(from_b, Placement) and from_b.instance.id == "a"
+        await a._publish()  # a's heartbeat: one slot here promised by another instance
+        await stop_beating(a)  # nothing published from here on
+        assert a.admit_local("sip-1") is not None  # a SIP call: a's own second slot
+        assert await a.place("CA" + "3" * 32, "t3", Ticket("CA" + "3" * 32, "v", "")) is Refused.FULL
+        claimed = await a.claim("t2")
+        assert claimed is not None and claimed[0].call_sid == "CA" + "2" * 32
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 async def test_a_dead_instance_stops_counting_and_a_released_slot_is_free_again(redis_server: RedisServer,
                                                                                 prefix: str) -> None:
     a, b = admission(redis_server.url, prefix, "a", 1), admission(redis_server.url, prefix, "b", 1)
