@@ -97,7 +97,8 @@ return string.sub(raw, nl + 1)
 """
 
 # ARGV: prefix, me, ttl_ms, internal_url, public_url, capacity, ready, n_live, live sids..., gone sids...
-# -> slots promised here that the caller did not list (placed here by others, stream pending)
+# -> the CallSids of slots promised here that the caller did not list (placed here by others and
+#    their stream not come yet, or placed by this instance a moment ago: the caller tells them apart)
 REFRESH = _NOW + """
 local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local inst, slots = p .. 'inst:' .. me, p .. 'slots:' .. me
@@ -114,7 +115,13 @@ for i = 9 + n, #ARGV do
   if redis.call('GET', p .. 'call:' .. ARGV[i]) == me then redis.call('DEL', p .. 'call:' .. ARGV[i]) end
 end
 redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-return redis.call('ZCARD', slots) - n
+local live = {}
+for i = 9, 8 + n do live[ARGV[i]] = true end
+local out = {}
+for _, sid in ipairs(redis.call('ZRANGE', slots, 0, -1)) do
+  if not live[sid] then table.insert(out, sid) end
+end
+return out
 """
 
 # ARGV: prefix, call_sid -> {} | {id, internal_url, public_url}
@@ -181,7 +188,8 @@ class RedisAdmission(Admission):
         self._unreserve = self.redis.register_script(UNRESERVE)
         self._claim = self.redis.register_script(CLAIM)
         self._leave = self.redis.register_script(LEAVE)
-        self._foreign = 0  # slots other instances promised here, stream not arrived (last heartbeat)
+        self._promised: set[str] = set()  # slots here this process did not hold (last heartbeat)
+        self._placing: set[str] = set()  # CallSids this process is placing now (reserved, not yet taken)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -239,12 +247,18 @@ class RedisAdmission(Admission):
         self._prune()
         live, gone = list(self._held), list(self._gone)
         ready = "1" if self._ready() else "0"
-        self._foreign = int(await self._refresh(args=[
+        self._promised = set(await self._refresh(args=[
             self.prefix, self.me.id, self.ttl_ms, self.me.internal_url, self.public_url, self.capacity, ready,
             len(live), *live, *gone]))
         del self._gone[:len(gone)]
         self.heartbeats += 1
         self._reachable()
+
+    @property
+    def _foreign(self) -> int:
+        """Slots other instances promised here whose stream has not come (as of the last
+        heartbeat), less those this process holds or is placing since: a slot is counted once."""
+        return len(self._promised - self._held.keys() - self._placing)
 
     def _changed(self) -> None:
         self._wake.set()  # publish now, not at the next beat
@@ -278,6 +292,13 @@ class RedisAdmission(Admission):
         return self._take_local(call_sid, others=self._foreign)
 
     async def place(self, call_sid: str, token: str, ticket: Ticket) -> Placement | Refused:
+        self._placing.add(call_sid)
+        try:
+            return await self._place(call_sid, token, ticket)
+        finally:
+            self._placing.discard(call_sid)
+
+    async def _place(self, call_sid: str, token: str, ticket: Ticket) -> Placement | Refused:
         if not self._ready():  # not ready here: others may be (a refused slot here means nothing)
             return await self._place_elsewhere(call_sid, token, ticket, check_seen=True)
         try:
