@@ -327,6 +327,20 @@ class VoiceCheckSettings:
 
 
 @dataclass(frozen=True)
+class AppSettings:
+    """The app connection (web/app_link.py): a WebSocket the bridge opens to the app for every call."""
+
+    websocket_url: str = ""  # ws:// or wss://; "" = no app connection (env CALLBRIDGE_APP_WS_URL)
+    secret: str = field(default="", repr=False)  # env CALLBRIDGE_APP_SECRET only: the HMAC key of the upgrade
+    connect_timeout_s: float = 3.0  # one connection attempt
+    connect_attempts: int = 3  # at call start; then the unreachable message and a hang-up
+    reconnect_grace_s: float = 10.0  # after a drop mid-call: reconnect (resume) within this, else message + hang-up
+    unreachable_message: str = "Sorry, we cannot take your call right now. Please call again later."
+    message_drain_timeout_s: float = 15.0  # how long that message may play before the hang-up
+    audio_buffer_frames: int = 50  # subscribed caller audio waiting to be sent (20 ms each); the oldest is dropped
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -342,6 +356,7 @@ class Settings:
     sip: SipSettings = SipSettings()
     cluster: ClusterSettings = ClusterSettings()
     voice_check: VoiceCheckSettings = VoiceCheckSettings()
+    app: AppSettings = AppSettings()
 
     def with_(self, **sections: dict[str, Any]) -> Settings:
         """A copy with some keys replaced, e.g. ``with_(server={"port": 0})`` (validated)."""
@@ -375,6 +390,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_INSTANCE_PUBLIC_URL": ("cluster", "public_url"),
     "CALLBRIDGE_CLUSTER_HEARTBEAT_S": ("cluster", "heartbeat_s"),
     "CALLBRIDGE_CLUSTER_TTL_S": ("cluster", "ttl_s"),
+    "CALLBRIDGE_APP_WS_URL": ("app", "websocket_url"),
+    "CALLBRIDGE_APP_SECRET": ("app", "secret"),
     "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
     "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
     "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
@@ -385,7 +402,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_SIP_DIGEST_USER": ("sip", "digest_user"),
     "CALLBRIDGE_SIP_DIGEST_PASSWORD": ("sip", "digest_password"),
 }
-SECRET_KEYS = {("auth", "api_token"), ("twilio", "auth_token"), ("agent", "secret"), ("sip", "digest_password")}
+SECRET_KEYS = {("auth", "api_token"), ("twilio", "auth_token"), ("agent", "secret"), ("sip", "digest_password"),
+               ("app", "secret")}
 
 
 def _coerce(value: Any, default: Any, key: str) -> Any:
@@ -479,6 +497,7 @@ def validate(s: Settings) -> None:
         raise bad("calls.max_turn_chars", s.calls.max_turn_chars, "must be at least 1")
     _validate_speech(s.speech)
     _validate_sip(s.sip)
+    _validate_app(s.app)
     _validate_cluster(s.cluster, s.server)
     _validate_voice_check(s.voice_check)
 
@@ -540,6 +559,34 @@ def _validate_voice_check(vc: VoiceCheckSettings) -> None:
         raise bad("max_ttfa_s", vc.max_ttfa_s, "must be >= 0 (0 = not judged)")
     if not 1 <= vc.build_check_turns <= 20:
         raise bad("build_check_turns", vc.build_check_turns, "must be 1…20")
+
+
+MIN_APP_SECRET_CHARS = 16
+
+
+def _validate_app(a: AppSettings) -> None:
+    def bad(key: str, value: Any, why: str) -> SettingsError:
+        return SettingsError(f"app.{key} = {value!r}: {why}")
+
+    if a.websocket_url:
+        if not a.websocket_url.startswith(("wss://", "ws://")):
+            raise bad("websocket_url", a.websocket_url, "must be a ws:// or wss:// URL (env CALLBRIDGE_APP_WS_URL)")
+        if len(a.secret) < MIN_APP_SECRET_CHARS:
+            raise SettingsError(f"app.websocket_url is set: set CALLBRIDGE_APP_SECRET to a random secret of at least "
+                                f"{MIN_APP_SECRET_CHARS} characters (e.g. openssl rand -hex 24); the app checks the "
+                                "bridge's signature with it")
+    if not 0.1 <= a.connect_timeout_s <= 60:
+        raise bad("connect_timeout_s", a.connect_timeout_s, "must be 0.1…60")
+    if not 1 <= a.connect_attempts <= 10:
+        raise bad("connect_attempts", a.connect_attempts, "must be 1…10")
+    if not 0 <= a.reconnect_grace_s <= 300:
+        raise bad("reconnect_grace_s", a.reconnect_grace_s, "must be 0…300 (0: no reconnection)")
+    if not a.unreachable_message.strip():
+        raise bad("unreachable_message", a.unreachable_message, "must say something: the caller must never get a silent line")
+    if not 1 <= a.message_drain_timeout_s <= 120:
+        raise bad("message_drain_timeout_s", a.message_drain_timeout_s, "must be 1…120")
+    if not 1 <= a.audio_buffer_frames <= 3000:
+        raise bad("audio_buffer_frames", a.audio_buffer_frames, "must be 1…3000 (20 ms each)")
 
 
 def _validate_speech(sp: SpeechSettings) -> None:

@@ -161,9 +161,17 @@ class Call:
             self.listeners.add(events)
             self._agent_task = asyncio.create_task(
                 run_agent(self.agent, events, self.view, self._agent_acts, self.call_sid), name=f"agent-{self.call_sid}")
-        self.emit({"event": "call_started", "call_sid": self.call_sid, "voice": self.voice.name})
+        self.emit(self.started_event())
         if self.greeting:
             self.add_turn(self.greeting, close=True, source="greeting")
+
+    def started_event(self) -> dict[str, Any]:
+        """``call_started``: what every listener learns first. ``from``/``to`` are caller data
+        (sent to the app, never logged); ``custom`` is the carrier's custom parameters."""
+        info = self.leg.info
+        return {"event": "call_started", "call_sid": self.call_sid, "carrier": info.carrier,
+                "from": info.from_number, "to": info.to_number, "voice": self.voice.name,
+                "custom": dict(info.custom)}
 
     def stop_taking_turns(self) -> None:
         """No new turns (409); what is queued still plays. For a hang-up's drain and shutdown."""
@@ -252,7 +260,7 @@ class Call:
 
     # ------------------------------------------------------------------ hang-up
 
-    def hang_up(self, reason: str) -> asyncio.Task[None] | None:
+    def hang_up(self, reason: str, drain_timeout_s: float | None = None) -> asyncio.Task[None] | None:
         """Let the last audio play (bounded), then ask the carrier to end the call; ``reason``
         (``api``, ``agent``, ``text socket``…) becomes the end reason ``hangup: <reason>``.
 
@@ -261,12 +269,23 @@ class Call:
         """
         if self._hangup is None and self._state is not CallState.ENDED:
             self._hangup_reason = reason
-            self._hangup = asyncio.get_running_loop().create_task(self._hang_up(), name=f"hangup-{self.call_sid}")
+            timeout_s = self.settings.calls.hangup_drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+            self._hangup = asyncio.get_running_loop().create_task(self._hang_up(timeout_s),
+                                                                  name=f"hangup-{self.call_sid}")
         return self._hangup
 
-    async def _hang_up(self) -> None:
+    def say_and_hang_up(self, text: str, reason: str, drain_timeout_s: float) -> None:
+        """Cut what plays, say ``text``, hang up once it has played (bounded): never a silent
+        line when something the call depends on (the app) is gone."""
+        if self._state is CallState.ACTIVE:
+            try:
+                self.add_turn(text, close=True, interrupt=True, source="service")
+            except TurnRejected as exc:  # still hang up: a call nobody controls must end
+                self.log.warning("could not queue the closing message: %s", exc)
+        self.hang_up(reason, drain_timeout_s)
+
+    async def _hang_up(self, timeout_s: float) -> None:
         self.stop_taking_turns()
-        timeout_s = self.settings.calls.hangup_drain_timeout_s
         if not await self.drain(timeout_s):
             self.log.info("hang-up: audio still playing after %.1f s, hanging up anyway", timeout_s)
         if self._state is CallState.ENDED:

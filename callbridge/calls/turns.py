@@ -20,11 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dia2 import normalize_text
+
 from ..config import CallSettings
 from ..metrics import Metrics
 from ..tts import TurnHandle
 
-__all__ = ["Turn", "TurnQueue", "TurnRejected", "TurnState", "open_word_after"]
+__all__ = ["Turn", "TurnQueue", "TurnRejected", "TurnState", "open_word_after", "whole_turn_text"]
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -58,6 +60,22 @@ class TurnRejected(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def whole_turn_text(text: object) -> str:
+    """A whole turn's text, or :class:`TurnRejected` (400).
+
+    Control, format and surrogate characters are dropped later by the TTS front end
+    (``dia2.normalize_text``); a text with nothing left to speak after that is refused
+    here instead of failing on the worker. Any script is accepted (the tokenizer is
+    byte-level); markup errors such as ``[S3]`` fail the turn on the worker (a ``failed``
+    turn, the fallback plays, the call goes on).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise TurnRejected(400, "'text' must be a non-empty string")
+    if not normalize_text(text):
+        raise TurnRejected(400, "'text' has nothing to speak once control and format characters are removed")
+    return text
 
 
 @dataclass

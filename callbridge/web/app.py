@@ -165,6 +165,11 @@ def _tts_context(runtime: Dia2 | None, say: Any, wait_for_worker: bool, runner_f
             svc.ready = False
             for call in [*svc.calls.values(), *svc.connecting]:
                 await call.end("shutdown")
+            links = list(svc.app_links.values())
+            if links:  # each sends call_ended and closes; bounded like any socket close
+                _, late = await asyncio.wait(links, timeout=svc.settings.audio.send_timeout_s)
+                for task in late:
+                    task.cancel()
             await svc.worker.stop()
             await svc.supervisor.stop()
             if svc.agent is not None:

@@ -7,9 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dia2 import normalize_text
-
-from ..calls.turns import TurnRejected
+from ..calls.turns import TurnRejected, whole_turn_text
 from .services import JsonError, _get_call, check_api_token, services
 
 log = logging.getLogger(__name__)
@@ -37,22 +35,6 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _turn_text(text: object) -> str:
-    """A whole turn's text, or :class:`TurnRejected` (400).
-
-    Control, format and surrogate characters are dropped later by the TTS front end
-    (``dia2.text.normalize_text``); a text with nothing left to speak after that is refused
-    here instead of failing on the worker. Any script is accepted (the tokenizer is
-    byte-level); markup errors such as ``[S3]`` fail the turn on the worker (a ``failed``
-    turn, the fallback plays, the call goes on).
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise TurnRejected(400, "'text' must be a non-empty string")
-    if not normalize_text(text):
-        raise TurnRejected(400, "'text' has nothing to speak once control and format characters are removed")
-    return text
-
-
 async def post_turn(request: web.Request) -> web.Response:
     check_api_token(request)
     call = _get_call(request)
@@ -61,7 +43,7 @@ async def post_turn(request: web.Request) -> web.Response:
     if not isinstance(interrupt, bool):
         raise JsonError(400, "'interrupt' must be true or false")
     try:
-        text = _turn_text(body.get("text"))
+        text = whole_turn_text(body.get("text"))
         turn = call.add_turn(text, close=True, interrupt=interrupt, source="api")
     except TurnRejected as exc:
         raise JsonError(exc.status, str(exc)) from None

@@ -3,6 +3,7 @@ helpers every route uses: the API token check, JSON errors, log redaction of URL
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -24,6 +25,7 @@ from ..metrics import Metrics
 from ..speech import SpeechWorker
 from ..tts import TtsWorker
 from ..voices import VoiceRegistry
+from .app_link import AppLink
 from .stream_tokens import StreamTokens
 from .worker_supervisor import Readiness, WorkerSupervisor
 
@@ -55,6 +57,8 @@ class Services:
     admission: Admission | None = None
     # Requests forwarded to other instances (clustered only; made in the cluster's cleanup_ctx).
     http: aiohttp.ClientSession | None = None
+    # The app connections of live calls ([app] websocket_url), each a task that ends with its call.
+    app_links: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     ready: bool = False  # start-up done (the worker may still be warming up: see readiness())
     shutting_down: bool = False
 
@@ -72,6 +76,24 @@ class Services:
         admission handed out and not yet released (a webhook's unused stream token, a media socket
         not started yet, a SIP call before its ACK, a live call). The admission keeps the count."""
         return self.admission.live if self.admission is not None else 0
+
+    def start_call(self, call: Call) -> None:
+        """A carrier's handler has a call whose media started: register it, open its app
+        connection (from this instance, the one that holds the call), begin it. Every carrier
+        starts its calls here, so the app sees every call whatever the carrier."""
+        self.calls[call.call_sid] = call
+        if self.settings.app.websocket_url:
+            link = AppLink(call, self.settings.app)  # subscribed before begin(): it gets call_started
+            task = asyncio.get_running_loop().create_task(link.run(), name=f"app-link-{call.call_sid}")
+            self.app_links[call.call_sid] = task
+            task.add_done_callback(lambda t, sid=call.call_sid: self._link_done(sid, t))
+        call.begin()
+
+    def _link_done(self, call_sid: str, task: asyncio.Task[None]) -> None:
+        if self.app_links.get(call_sid) is task:
+            del self.app_links[call_sid]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("app connection task failed: %r", task.exception(), extra={"call_sid": call_sid})
 
     def require(self) -> tuple[Dia2, TtsWorker, VoiceRegistry]:
         if self.runtime is None or self.worker is None or self.voices is None:

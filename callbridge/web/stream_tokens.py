@@ -19,6 +19,8 @@ class StreamBinding:
     greeting: str
     expires_at: float
     reservation: Reservation  # the TTS slot held for this call from admission to hang-up
+    from_number: str = ""  # the webhook's From and To: caller data, for the app, never logged
+    to_number: str = ""
 
 
 @dataclass
@@ -38,10 +40,12 @@ class StreamTokens:
     def new_token() -> str:
         return secrets.token_urlsafe(24)  # 192 bits
 
-    def add(self, token: str, call_sid: str, voice: str, greeting: str, reservation: Reservation) -> None:
+    def add(self, token: str, call_sid: str, voice: str, greeting: str, reservation: Reservation, *,
+            from_number: str = "", to_number: str = "") -> None:
         """Bind ``token`` (from :meth:`new_token`) to a call admitted here."""
         self.expire()
-        self.tokens[token] = StreamBinding(call_sid, voice, greeting, time.monotonic() + self.ttl_s, reservation)
+        self.tokens[token] = StreamBinding(call_sid, voice, greeting, time.monotonic() + self.ttl_s, reservation,
+                                           from_number, to_number)
         self.remember(call_sid)
 
     def remember(self, call_sid: str) -> None:

@@ -124,7 +124,8 @@ async def twilio_voice(request: web.Request) -> web.Response:
                     ", no other instance has room" if admission.clustered else "")
         return web.Response(text=reject_twiml("busy"), content_type="text/xml")
     if placement.reservation is not None:
-        svc.tokens.add(token, call_sid, voice_name, greeting, placement.reservation)
+        svc.tokens.add(token, call_sid, voice_name, greeting, placement.reservation,
+                       from_number=str(params.get("From", ""))[:64], to_number=str(params.get("To", ""))[:64])
         stream_base = _stream_base(request, svc.settings)
     else:  # reserved on another instance, with the token in the shared state: its URL
         svc.tokens.remember(call_sid)
@@ -219,7 +220,7 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
                                writer_limit=WS_WRITER_CHECK_BYTES)
     transport = _limit_send_buffer(request, settings.audio.send_buffer_bytes)
     leg = TwilioLeg(ws, call_sid=binding.call_sid, twilio=settings.twilio, lead_ms=settings.audio.lead_ms,
-                    transport=transport)
+                    transport=transport, from_number=binding.from_number, to_number=binding.to_number)
     call = Call(leg=leg, voice=voice, settings=settings, worker=worker, metrics=svc.metrics,
                 greeting=binding.greeting, reservation=binding.reservation, fallback_ulaw8k=svc.fallback_ulaw8k,
                 agent=svc.agent, speech=svc.speech)
@@ -287,8 +288,7 @@ async def _read_media_stream(ws: web.WebSocketResponse, leg: TwilioLeg, call: Ca
                 if call.call_sid in svc.calls:
                     raise ProtocolError("duplicate_call", "this call already has a media stream")
                 svc.connecting.discard(call)
-                svc.calls[call.call_sid] = call
-                call.begin()
+                svc.start_call(call)
             elif isinstance(event, LegEnded):
                 return event.reason
             elif event is not None:

@@ -41,8 +41,8 @@ class TwilioLeg(Leg):
     """One call's Media Streams connection as a leg. Build it when the upgrade is accepted."""
 
     def __init__(self, ws: MediaSocket, *, call_sid: str, twilio: TwilioSettings, lead_ms: int,
-                 transport: asyncio.Transport | None = None) -> None:
-        self.info = LegInfo(carrier="twilio", carrier_call_id=call_sid)
+                 transport: asyncio.Transport | None = None, from_number: str = "", to_number: str = "") -> None:
+        self.info = LegInfo(carrier="twilio", carrier_call_id=call_sid, from_number=from_number, to_number=to_number)
         # Twilio buffers what we send and echoes marks itself once it has played up to them.
         self.pacing = LegPacing(chunk_ms=CHUNK_MS, lead_ms=lead_ms, marker_echo="far_end")
         self.protocol = MediaStreamProtocol(max_message_bytes=twilio.max_message_bytes)
