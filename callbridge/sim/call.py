@@ -303,6 +303,11 @@ class _CallRun:
         if kind == "error":
             self.report.service_errors.append(str(event.get("message"))[:200])
             return
+        if kind.startswith("caller_transcript"):
+            self._on_transcript(kind, event)
+            return
+        if kind == "turn_queued" and event.get("source") not in (None, "greeting", "api", "stream"):
+            self._answer_turn(event.get("turn_id"))  # queued by the app, an agent or the service
         turn = self._turn_for_event(event.get("turn_id"))
         if turn is None:
             return
@@ -324,6 +329,25 @@ class _CallRun:
             if words is not None:
                 turn.heard = words
             self.active_ids.discard(str(turn.turn_id))
+
+    def _on_transcript(self, kind: str, event: dict[str, Any]) -> None:
+        outcome = {"caller_transcript": "transcript", "caller_transcript_dropped": "dropped",
+                   "caller_transcript_failed": "failed"}.get(kind)
+        if outcome is None:
+            return
+        self.report.transcripts.append({
+            "utterance_id": event.get("utterance_id"), "outcome": outcome,
+            "text": event.get("text") if outcome == "transcript" else None,
+            "reason": event.get("reason") or event.get("error"),
+            "eos_to_final_ms": event.get("eos_to_final_ms"), "during_bot": event.get("during_bot"),
+        })
+
+    def _answer_turn(self, turn_id: Any) -> None:
+        if not isinstance(turn_id, str) or turn_id in self.turns_by_id:
+            return
+        turn = TurnStats(index=len(self.turns), kind="answer", text=None, sent_t=self._now(), turn_id=turn_id)
+        self.turns.append(turn)
+        self.turns_by_id[turn_id] = turn
 
     # ---------------------------------------------------------------- waiting
 

@@ -116,6 +116,17 @@ def format_report(report: CallReport) -> str:
         f"protocol errors {r.protocol_error_count}"
         + (f", barge-in->clear {_fmt(r.barge_in_to_clear_ms)} ms" if r.barge_in_to_clear_ms is not None else "")
     ]
+    for t in r.transcripts:  # what the service made of the caller's speech
+        if t["outcome"] == "transcript":
+            lines.append(f"  caller said ({t['utterance_id']}): {t['text']!r} (final {_fmt(t['eos_to_final_ms'])} ms "
+                         "after the end of speech)")
+        else:
+            lines.append(f"  caller speech {t['utterance_id']}: no transcript ({t['outcome']}: {t['reason']})")
+    for turn in r.turns:
+        if turn.get("kind") == "answer":
+            heard = " ".join(turn.get("heard") or [])
+            lines.append(f"  answered: {turn.get('chunks', 0)} chunks, state {turn.get('state')}"
+                         + (f", heard words: {heard!r}" if heard else ""))
     lines += [f"  protocol error: {e}" for e in r.protocol_errors[:10]]
     if r.error:
         lines.append(f"  error: {r.error}")

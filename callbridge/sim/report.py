@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-TurnKind = Literal["greeting", "text"]
+TurnKind = Literal["greeting", "text", "answer"]  # answer: a turn the service or its app queued
 
 
 # ------------------------------------------------------------------------------- turns
@@ -19,7 +19,7 @@ TurnKind = Literal["greeting", "text"]
 class TurnStats:
     """One turn as the simulator saw it. Times are loop seconds; samples count from start."""
 
-    index: int  # 0 = greeting, 1.. = text turns in order
+    index: int  # 0 = greeting, 1.. = text turns in order, then answers (turns we did not send)
     kind: TurnKind
     text: str | None
     sent_t: float  # text sent (first chunk when streamed); stream start for a greeting
@@ -134,6 +134,10 @@ class CallReport:
     dtmf_sent: list[str] = field(default_factory=list)
     dtmf_events: list[str] = field(default_factory=list)
     service_events: dict[str, int] = field(default_factory=dict)
+    # What the service made of the caller's speech (--caller-wav), in order: one entry per
+    # utterance, {"utterance_id", "outcome": "transcript" | "dropped" | "failed", "text",
+    # "reason", "eos_to_final_ms", "during_bot"} (from the text socket's caller_transcript* events).
+    transcripts: list[dict[str, Any]] = field(default_factory=list)
     service_errors: list[str] = field(default_factory=list)
     call_ended_event: bool = False
     error: str | None = None

