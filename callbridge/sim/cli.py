@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .app_server import DEFAULT_REPLY, ScriptedApp
 from .call import run_simulation
 from .config import DEFAULT_ACCOUNT_SID, SimConfig, SimulatorError
 from .report import CallReport, summarize_reports
@@ -74,17 +75,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="WAV of what the caller heard (heard-N.wav per call if several)")
     p.add_argument("--report", type=Path, help="JSON report")
     p.add_argument("--allow-remote", action="store_true", help="allow a base URL that is not loopback")
+    p.add_argument("--app-server", type=int, metavar="PORT",
+                   help="also act as the app: serve the connection the service opens for each call on "
+                        "127.0.0.1:PORT (start the service with CALLBRIDGE_APP_WS_URL=ws://127.0.0.1:PORT/), "
+                        "print its events, answer each caller_transcript with --app-reply")
+    p.add_argument("--app-secret", default=os.environ.get("CALLBRIDGE_APP_SECRET", ""),
+                   help="the secret the service signs the app connection with (env CALLBRIDGE_APP_SECRET)")
+    p.add_argument("--app-reply", default=DEFAULT_REPLY,
+                   help="the app's answer to a transcript; {text} is what the caller said (default: %(default)r)")
+    p.add_argument("--app-hangup", action="store_true", help="the app hangs up once its answer has played")
     return p
 
 
-async def _cli_run(cfg: SimConfig, rest_port: int | None) -> list[CallReport]:
+async def _cli_run(cfg: SimConfig, rest_port: int | None, app: ScriptedApp | None = None) -> list[CallReport]:
     rest: FakeTwilioRest | None = None
     if rest_port is not None:
         rest = FakeTwilioRest(cfg.account_sid, cfg.twilio_auth_token, port=rest_port)
         print(f"Twilio REST stand-in at {await rest.start()}", flush=True)
     try:
+        if app is not None:
+            try:
+                url = await app.start()
+            except OSError as exc:
+                raise SimulatorError(f"--app-server {app.port}: cannot listen on 127.0.0.1:{app.port} "
+                                     f"({exc.strerror})") from None
+            print(f"app server at {url}", flush=True)
         return await run_simulation(cfg, rest=rest)
     finally:
+        if app is not None:
+            await app.stop()
         if rest is not None:
             await rest.stop()
 
@@ -159,8 +178,20 @@ def main_simulate(argv: Sequence[str] | None = None) -> int:
     if ns.caller_wav is not None and not ns.caller_wav.is_file():
         print(f"callbridge simulate: --caller-wav {ns.caller_wav}: no such file", file=sys.stderr)
         return 2
+    app = None
+    if ns.app_server is not None:
+        if not ns.app_secret:
+            print("callbridge simulate: --app-server needs the secret the service signs with: set "
+                  "CALLBRIDGE_APP_SECRET (the same value as the service's) or pass --app-secret", file=sys.stderr)
+            return 2
+        app = ScriptedApp(ns.app_server, ns.app_secret, reply=ns.app_reply, hang_up=ns.app_hangup,
+                          say=lambda line: print(line, flush=True))
     started = time.monotonic()
-    reports = asyncio.run(_cli_run(cfg, ns.rest_port))
+    try:
+        reports = asyncio.run(_cli_run(cfg, ns.rest_port, app))
+    except SimulatorError as exc:  # the app port is taken
+        print(f"callbridge simulate: {exc}", file=sys.stderr)
+        return 2
     for report in reports:
         print(format_report(report))
     s = summarize_reports(reports)

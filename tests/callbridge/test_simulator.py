@@ -667,3 +667,11 @@ async def test_cli_signs_over_callbridge_public_base_url_as_the_service_checks(
     assert await asyncio.to_thread(main_simulate, args) == 0
     out = capsys.readouterr().out
     assert "1 clean" in out or "1 with underruns" in out
+
+
+def test_app_server_needs_the_secret(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from callbridge.sim import main_simulate
+
+    monkeypatch.delenv("CALLBRIDGE_APP_SECRET", raising=False)
+    assert main_simulate(["--base-url", "http://127.0.0.1:9", "--app-server", "9"]) == 2
+    assert "CALLBRIDGE_APP_SECRET" in capsys.readouterr().err

