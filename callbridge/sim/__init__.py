@@ -30,7 +30,7 @@ the names callers use.
 from __future__ import annotations
 
 from .call import run_simulation, simulate_call
-from .caller import CallerTrack, voiced_speech
+from .caller import DEMO_CALLER_WAV, CallerTrack, voiced_speech
 from .caller import load_caller_wav as load_caller_wav
 from .cli import format_report as format_report
 from .cli import main_simulate
@@ -43,6 +43,7 @@ from .rest import RestRequest as RestRequest
 from .wire import ServiceMessage, TwimlAnswer, parse_twiml, validate_service_message
 
 __all__ = [
+    "DEMO_CALLER_WAV",
     "CallReport",
     "CallerTrack",
     "FakeTwilioRest",

@@ -441,6 +441,8 @@ class _CallRun:
         await self._wait_for(self._drained, cfg.turn_timeout_s)
         self._place_reply()
         await self._wait_cues()
+        if cfg.await_answer and self.caller.audio:
+            await self._await_answer()
         await self._wait_for(self._drained, cfg.turn_timeout_s)
         if cfg.hold_s > 0:
             await self._hold()
@@ -638,6 +640,16 @@ class _CallRun:
         if self.caller.start_chunk is None and self.started and not self.ending:
             next_chunk = int((self._now() - self.t0) / CHUNK_S) + 1
             self.caller = dataclasses.replace(self.caller, start_chunk=next_chunk)
+
+    async def _await_answer(self) -> None:
+        """The caller has spoken: its transcript (or why there is none), then the answer played."""
+        timeout_s = self.cfg.turn_timeout_s
+        await self._wait_for(lambda: bool(self.report.transcripts), timeout_s)
+        if not any(t["outcome"] == "transcript" for t in self.report.transcripts):
+            return  # dropped or failed: no answer is coming
+        answers = lambda: [t for t in self.turns if t.kind == "answer"]  # noqa: E731
+        await self._wait_for(lambda: bool(answers()), timeout_s)
+        await self._wait_for(lambda: all(t.done_t is not None for t in answers()) and self._drained(), timeout_s)
 
     async def _hold(self) -> None:
         """Keep the call open ``hold_s`` for experiments by hand (curl); ends early if the call does."""

@@ -12,6 +12,11 @@ import soxr
 from .config import SimConfig
 from .queue import CHUNK_BYTES, CHUNK_S, SAMPLE_RATE, SILENCE_BYTE, ulaw_decode, ulaw_encode
 
+# A caller asking to be called back (espeak-ng through the 8 kHz mu-law phone path: the second
+# sentence of tests/callbridge/speech/data/phone_speech.ulaw): what the demo's caller says.
+DEMO_CALLER_WAV = Path(__file__).resolve().parent / "data" / "caller_request.wav"
+DEMO_CALLER_TEXT = "Please call me back tomorrow at 9 o'clock."
+
 VOICE_RMS = 330.0  # about -40 dBFS: the first frame above it is where caller speech starts
 
 

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caller-wav", type=Path,
                    help="caller audio (any WAV; converted to 8 kHz mu-law): played as the caller's reply once the "
                         "bot's last turn has played, or with --barge-in-at over the bot")
+    p.add_argument("--await-answer", action="store_true",
+                   help="after the --caller-wav reply, wait for the service's transcript of it and for the answer "
+                        "(a turn its app or agent queues) to play")
     p.add_argument("--barge-in-at", type=float, metavar="S",
                    help="S seconds after start the caller talks over the bot (the --caller-wav, else generated speech)")
     p.add_argument("--dtmf", type=_parse_dtmf, action="append", default=[], help="SECONDS:DIGIT (repeatable)")
@@ -170,7 +173,7 @@ def main_simulate(argv: Sequence[str] | None = None) -> int:
             max_call_s=ns.max_call_s if ns.max_call_s is not None else 60.0 + ns.hold, webhook_query=dict(ns.query), drop_network=ns.drop_network,
             out_wav=ns.out, report_path=ns.report, allow_remote=ns.allow_remote, expect_greeting=ns.greeting,
             word_delay_s=ns.word_delay_ms / 1000.0, turn_timeout_s=ns.turn_timeout_s, stagger_s=ns.stagger_s,
-            hold_s=ns.hold, announce=lambda line: print(line, flush=True),
+            hold_s=ns.hold, announce=lambda line: print(line, flush=True), await_answer=ns.await_answer,
         )
     except SimulatorError as exc:
         print(f"callbridge simulate: {exc}", file=sys.stderr)

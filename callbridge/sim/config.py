@@ -59,6 +59,9 @@ class SimConfig:
     report_path: Path | None = None
     allow_remote: bool = False
     hold_s: float = 0.0  # keep the call open this long after its turns (for curl experiments)
+    # After the caller's reply (caller_wav): wait for the service's transcript of it and for the
+    # answer (a turn the app or agent queues) to play, each within turn_timeout_s.
+    await_answer: bool = False
     # Told one line when a held call is live (its CallSid, how to reach it); None = nobody.
     announce: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
     # The REST stand-in the calls register with (same as passing ``rest=`` to run_simulation).

@@ -1,0 +1,1 @@
+"""Small programs that use callbridge the way an app does (through its public contracts only)."""
