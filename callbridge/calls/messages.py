@@ -3,7 +3,7 @@
 Both sockets an app can hold on a call use this: the text socket it opens
 (``/calls/{id}/text``) and the app connection the bridge opens to it (``[app] websocket_url``).
 Sans-I/O: a :class:`ControlSession` takes one text frame, acts on the call, and puts any reply
-(an ``error``, a ``pong``, ``audio_subscribed``) into the socket's :class:`~.outbox.Outbox`;
+(an ``error``, a ``pong``, ``audio_subscribed``) into the socket's :class:`~.outbox.ClientOutbox`;
 the socket's edge code does the reading and sending.
 
 Messages (JSON objects with a string ``type``):
@@ -27,7 +27,7 @@ from typing import Any
 
 from ..audio import CHUNK_MS, LINE_RATE
 from .call import Call
-from .outbox import AudioFormat, Outbox
+from .client_outbox import AudioFormat, ClientOutbox
 from .turns import Turn, TurnRejected, whole_turn_text
 
 __all__ = ["MESSAGE_TYPES", "ControlSession"]
@@ -41,7 +41,7 @@ class ControlSession:
     """One client's messages to one call. ``name`` is the hang-up reason (``text socket``,
     ``app``) and ``source`` the turns' source in events and logs."""
 
-    def __init__(self, call: Call, outbox: Outbox, *, name: str, source: str) -> None:
+    def __init__(self, call: Call, outbox: ClientOutbox, *, name: str, source: str) -> None:
         self.call = call
         self.outbox = outbox
         self.name = name

@@ -83,7 +83,7 @@ class _Item:
 
 
 class Playout:
-    """Outbox, writer, pacing, markers and fade-out of one call.
+    """ClientOutbox, writer, pacing, markers and fade-out of one call.
 
     ``on_first_audio(turn, ttfa_ms)``, ``on_heard(turn, words)`` and ``on_turn_played(turn)``
     tell the call what happened (it emits the events and ends turns).

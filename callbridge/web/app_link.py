@@ -31,8 +31,8 @@ from typing import Any
 import aiohttp
 
 from ..calls.call import Call, CallState
+from ..calls.client_outbox import ClientOutbox
 from ..calls.messages import ControlSession
-from ..calls.outbox import Outbox
 from ..config import AppSettings
 from .call_channel import ChannelEnd, serve_channel
 
@@ -95,7 +95,7 @@ class AppLink:
     def __init__(self, call: Call, settings: AppSettings) -> None:
         self.call = call
         self.settings = settings
-        self.outbox = Outbox(audio_frames=settings.audio_buffer_frames)
+        self.outbox = ClientOutbox(audio_frames=settings.audio_buffer_frames)
         call.listeners.add(self.outbox)
         self.session = ControlSession(call, self.outbox, name="app", source="app")
         self.state = LinkState.CONNECTING

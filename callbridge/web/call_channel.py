@@ -1,7 +1,7 @@
 """One call's message channel over a WebSocket, either side of the upgrade.
 
 The text socket (``/calls/{id}/text``, the app dials us) and the app connection (the bridge
-dials the app) are the same channel: this socket's :class:`~callbridge.calls.outbox.Outbox`
+dials the app) are the same channel: this socket's :class:`~callbridge.calls.client_outbox.ClientOutbox`
 drained by one sender task (events as JSON, caller audio as binary frames), and every text
 frame read handed to the one :class:`~callbridge.calls.messages.ControlSession`.
 """
@@ -14,8 +14,8 @@ import enum
 
 from aiohttp import ClientWebSocketResponse, WSMsgType, web
 
+from ..calls.client_outbox import ClientOutbox
 from ..calls.messages import ControlSession
-from ..calls.outbox import Outbox
 
 __all__ = ["ChannelEnd", "serve_channel"]
 
@@ -27,7 +27,7 @@ class ChannelEnd(enum.Enum):
     CLIENT_LEFT = "client_left"  # the peer closed or the connection broke first
 
 
-async def _send(ws: Socket, outbox: Outbox) -> None:
+async def _send(ws: Socket, outbox: ClientOutbox) -> None:
     """The socket's only sender; returns once ``call_ended`` has been sent."""
     while True:
         items = await outbox.take()

@@ -10,8 +10,8 @@ import logging
 
 from aiohttp import web
 
+from ..calls.client_outbox import ClientOutbox
 from ..calls.messages import ControlSession
-from ..calls.outbox import Outbox
 from .call_channel import serve_channel
 from .services import _get_call, check_api_token, services
 
@@ -26,7 +26,7 @@ async def call_text_socket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=256 * 1024, heartbeat=20.0)
     await ws.prepare(request)
     svc.sockets.add(ws)
-    outbox = Outbox(audio_frames=svc.settings.app.audio_buffer_frames)
+    outbox = ClientOutbox(audio_frames=svc.settings.app.audio_buffer_frames)
     call.listeners.add(outbox)
     session = ControlSession(call, outbox, name="text socket", source="stream")
     try:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from callbridge.calls.call import Call
+from callbridge.calls.client_outbox import AudioFormat, ClientOutbox
 from callbridge.calls.leg import CallerAudio
-from callbridge.calls.outbox import AudioFormat, Outbox
 from callbridge.sim import simulate_call
 from callbridge.web.app_link import signature_headers, verify_signature
 from callbridge.web.services import SERVICES
@@ -181,7 +181,7 @@ def _frame(value: int) -> CallerAudio:
 
 
 async def test_subscribed_audio_is_bounded_and_drops_the_oldest_counted() -> None:
-    box = Outbox(audio_frames=50)
+    box = ClientOutbox(audio_frames=50)
     box.on_caller_audio(_frame(1))
     assert await _take_now(box) == []  # not subscribed: nothing kept
     box.subscribe_audio(AudioFormat.PCM16)
@@ -201,7 +201,7 @@ async def test_subscribed_audio_is_bounded_and_drops_the_oldest_counted() -> Non
     assert np.frombuffer(f3, "<i2")[:80].tolist() == list(range(320, 400))
 
 
-async def _take_now(box: Outbox) -> list[Any]:
+async def _take_now(box: ClientOutbox) -> list[Any]:
     try:
         return await asyncio.wait_for(box.take(), 0.01)
     except TimeoutError:

@@ -1,8 +1,8 @@
 """What one client socket of a call (the text socket, the app connection) has waiting to be sent.
 
-An :class:`Outbox` is a call listener (``call.listeners``: the call's events arrive through
+An :class:`ClientOutbox` is a call listener (``call.listeners``: the call's events arrive through
 ``put_nowait``) that also holds the socket's own replies and, when the client subscribed to it,
-the caller's raw audio in 20 ms frames. One task per socket drains it (:meth:`Outbox.take`), so
+the caller's raw audio in 20 ms frames. One task per socket drains it (:meth:`ClientOutbox.take`), so
 a socket has exactly one sender.
 
 Caller audio is opt-in and bounded: at most ``audio_frames`` frames wait; a new frame beyond
@@ -22,14 +22,14 @@ import numpy as np
 from ..audio import CHUNK_MS, LINE_RATE, pcm16_to_ulaw
 from .leg import CallerAudio
 
-__all__ = ["AudioFormat", "Outbox"]
+__all__ = ["AudioFormat", "ClientOutbox"]
 
 class AudioFormat(enum.Enum):
     ULAW = "ulaw"  # G.711 mu-law, 8 kHz, 160 bytes a frame
     PCM16 = "pcm16"  # 16-bit little-endian PCM at the leg's rate (8 kHz: 320 bytes a frame)
 
 
-class Outbox(asyncio.Queue[dict[str, Any]]):
+class ClientOutbox(asyncio.Queue[dict[str, Any]]):
     """A call listener plus this socket's replies and subscribed caller audio; one drainer."""
 
     def __init__(self, maxsize: int = 1000, audio_frames: int = 50) -> None:
