@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,8 @@ async def test_a_speech_model_that_does_not_load_stops_the_start_up(tiny_runtime
     await runner.cleanup()
 
 
-async def test_a_conversation_through_the_app_connection(tiny_runtime: Dia2, tmp_path: Path) -> None:
+async def test_a_conversation_through_the_app_connection(tiny_runtime: Dia2, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     """The issue's full call: the simulated caller speaks (the committed fixture's first
     sentence, as Twilio media at real time), ``caller_transcript`` arrives with the words on the
     app connection the bridge opened, the app answers, and the simulator hears the answer."""
@@ -113,6 +115,7 @@ async def test_a_conversation_through_the_app_connection(tiny_runtime: Dia2, tmp
     from ..app_server import SECRET, AppServer
     from ..test_service import running
 
+    caplog.set_level(logging.DEBUG)
     first = fixture_meta()["utterances"][0]
     wav = tmp_path / "caller.wav"
     sf.write(str(wav), fixture_pcm()[: (first["end_ms"] + 300) * 8], 8000, subtype="PCM_16")
@@ -136,6 +139,9 @@ async def test_a_conversation_through_the_app_connection(tiny_runtime: Dia2, tmp
         # The simulator reports what the service made of the caller's speech (its text socket).
         [heard] = [t for t in report["transcripts"] if t["outcome"] == "transcript"]
         assert heard["text"] == said["text"] and heard["utterance_id"] == said["utterance_id"]
+        # Caller data (the words, the phone numbers) never reaches a log line at INFO or above.
+        loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert loud and not [m for m in loud if said["text"].strip() in m or "+15005550006" in m]
     finally:
         await app.stop()
 
