@@ -67,6 +67,8 @@ class ClientOutbox(asyncio.Queue[dict[str, Any]]):
     def unsubscribe_audio(self) -> None:
         self.audio_format = None
         self._audio.clear()
+        # Frames taken but not sent (a dropped connection) go too: a subscription ends here.
+        self._retry = collections.deque(item for item in self._retry if not isinstance(item, bytes))
         self._pending_pcm = np.zeros(0, dtype=np.int16)
 
     def on_caller_audio(self, frame: CallerAudio) -> None:

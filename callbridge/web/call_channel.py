@@ -37,8 +37,9 @@ async def _send(ws: Socket, outbox: ClientOutbox) -> None:
                     await ws.send_bytes(item)
                 else:
                     await ws.send_json(item)
-            except (ConnectionError, RuntimeError):
-                # Closed under us: keep what was not sent for a reconnection (the app link resumes).
+            except (ConnectionError, RuntimeError, asyncio.CancelledError):
+                # Closed under us, or the peer left while we sent: keep what was not sent for a
+                # reconnection (the app link resumes; the item being sent may arrive twice).
                 for rest in reversed(items[i:]):
                     outbox.unget(rest)
                 raise
