@@ -71,8 +71,10 @@ def free_tcp_port() -> int:
 
 @contextlib.asynccontextmanager
 async def service(tiny_runtime: Dia2, tmp: Path, agent: Any, *, speech: dict[str, Any] | None = None,
-                  build: dict[str, Any] | None = None, **calls: object) -> AsyncIterator[Any]:
-    """The whole service with SIP on; ``speech``: [speech] keys; ``build``: build_app options."""
+                  build: dict[str, Any] | None = None, app_ws: dict[str, Any] | None = None,
+                  **calls: object) -> AsyncIterator[Any]:
+    """The whole service with SIP on; ``speech``: [speech] keys; ``build``: build_app options;
+    ``app_ws``: [app] keys (the app connection)."""
     low, high = free_port_range(10)
     port = free_tcp_port()
     settings = Settings().with_(
@@ -83,6 +85,7 @@ async def service(tiny_runtime: Dia2, tmp: Path, agent: Any, *, speech: dict[str
         calls={"max_calls": 4, "hangup_drain_timeout_s": 1.0, **calls},
         sip={"listen": "127.0.0.1:0", "allow": "127.0.0.1/32", "rtp_ports": f"{low}-{high}"},
         **({"speech": speech} if speech else {}),
+        **({"app": app_ws} if app_ws else {}),
     )
     app = build_app(settings, runtime=tiny_runtime, agent=agent, **(build or {}))
     runner = web.AppRunner(app)
@@ -251,3 +254,27 @@ async def test_sip_caller_speech_reaches_the_agent_as_a_transcript(tiny_runtime:
         assert call.stats.chunks_sent > 0 and call.stats.marks_echoed == call.stats.marks_sent
         await phone.command("hangup")
         assert (await agent.next("call_ended"))["reason"] == "hangup: caller"
+
+
+async def test_a_sip_call_opens_the_app_connection_too(tiny_runtime: Dia2, tmp_path: Path) -> None:
+    """The app connection is carrier-neutral: a SIP call reaches the app as a Twilio call does."""
+    from ..app_server import SECRET, AppServer
+
+    app_server = await AppServer().start()
+    wav = caller_wav(tmp_path / "quiet.wav", silence_s=30, speech_s=0.5)
+    try:
+        async with service(tiny_runtime, tmp_path, RecordingAgent(say=""),
+                           app_ws={"websocket_url": app_server.url, "secret": SECRET}) as (app, _), \
+                Baresip(tmp_path / "phone", caller_wav=wav) as phone:
+            await phone.command("dial", f"sip:+15550100@127.0.0.1:{sip_port(app)}")
+            conn = await app_server.next_connection()
+            started = await conn.next_event("call_started")
+            assert started["carrier"] == "sip" and started["to"] == "+15550100"
+            assert started["call_sid"] == conn.call_id and started["call_sid"].startswith("sip-")
+            await conn.send({"type": "turn", "text": "Hello from the app."})
+            assert (await conn.next_event("turn_done"))["state"] == "done"
+            await conn.send({"type": "hangup"})
+            assert (await conn.next_event("call_ended"))["reason"] == "hangup: app"
+            await phone.wait_event("CALL_CLOSED")
+    finally:
+        await app_server.stop()
