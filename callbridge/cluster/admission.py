@@ -51,6 +51,8 @@ class Ticket:
     call_sid: str
     voice: str
     greeting: str
+    from_number: str = ""  # the webhook's From and To, for the app's call_started: caller data, never logged
+    to_number: str = ""
 
 
 class Refused(enum.Enum):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -337,7 +338,7 @@ class RedisAdmission(Admission):
     async def _run_reserve(self, call_sid: str, token: str, ticket: Ticket, *, avoid_me: bool,
                            check_seen: bool) -> Instance | Refused:
         token_ms = int(self.settings.twilio.stream_token_ttl_s * 1000)
-        payload = json.dumps({"call_sid": ticket.call_sid, "voice": ticket.voice, "greeting": ticket.greeting})
+        payload = json.dumps(dataclasses.asdict(ticket))
         result = await self._reserve(args=[
             self.prefix, self.me.id, int(avoid_me), call_sid, token, payload, token_ms + self.ttl_ms, token_ms,
             SEEN_TTL_S, int(check_seen)])
@@ -356,7 +357,8 @@ class RedisAdmission(Admission):
         if payload is None:  # unknown, used, expired, or placed on another instance (left for it)
             return None
         data = json.loads(payload)
-        ticket = Ticket(call_sid=data["call_sid"], voice=data["voice"], greeting=data["greeting"])
+        ticket = Ticket(call_sid=data["call_sid"], voice=data["voice"], greeting=data["greeting"],
+                        from_number=data.get("from_number", ""), to_number=data.get("to_number", ""))
         reservation = self._take_local(ticket.call_sid)
         if reservation is None:  # promised by Redis, but this worker cannot take it now
             with contextlib.suppress(RedisError, OSError):

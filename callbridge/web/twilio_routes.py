@@ -113,7 +113,8 @@ async def twilio_voice(request: web.Request) -> web.Response:
                             content_type="text/xml")
     greeting = request.query.get("greeting", svc.settings.twilio.greeting)
     token = svc.tokens.new_token()
-    placement = await admission.place(call_sid, token, Ticket(call_sid, voice_name, greeting))
+    from_number, to_number = str(params.get("From", ""))[:64], str(params.get("To", ""))[:64]
+    placement = await admission.place(call_sid, token, Ticket(call_sid, voice_name, greeting, from_number, to_number))
     if placement is Refused.REPLAYED:  # answered by another instance (the shared seen-list)
         svc.metrics.rejected_total.labels(reason="replayed_webhook").inc()
         log.warning("refused a repeated webhook for call %s", call_sid)
@@ -125,7 +126,7 @@ async def twilio_voice(request: web.Request) -> web.Response:
         return web.Response(text=reject_twiml("busy"), content_type="text/xml")
     if placement.reservation is not None:
         svc.tokens.add(token, call_sid, voice_name, greeting, placement.reservation,
-                       from_number=str(params.get("From", ""))[:64], to_number=str(params.get("To", ""))[:64])
+                       from_number=from_number, to_number=to_number)
         stream_base = _stream_base(request, svc.settings)
     else:  # reserved on another instance, with the token in the shared state: its URL
         svc.tokens.remember(call_sid)
@@ -204,7 +205,8 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         claimed = await svc.admission.claim(token)
         if claimed is not None:
             ticket, reservation = claimed
-            binding = StreamBinding(ticket.call_sid, ticket.voice, ticket.greeting, 0.0, reservation)
+            binding = StreamBinding(ticket.call_sid, ticket.voice, ticket.greeting, 0.0, reservation,
+                                    ticket.from_number, ticket.to_number)
     if binding is None:
         svc.metrics.rejected_total.labels(reason="bad_stream_token").inc()
         log.warning("refused a media stream with an unknown, expired or used token")

@@ -175,7 +175,7 @@ async def test_a_ticket_is_taken_once_and_only_by_the_instance_it_names(redis_se
         await node.start()
     try:
         here = await a.place("CA" + "1" * 32, "t1", Ticket("CA" + "1" * 32, "v", ""))
-        there = await a.place("CA" + "2" * 32, "t2", Ticket("CA" + "2" * 32, "v", "hi"))
+        there = await a.place("CA" + "2" * 32, "t2", Ticket("CA" + "2" * 32, "v", "hi", "+15550001", "+15550002"))
         assert isinstance(here, Placement) and here.local
         assert isinstance(there, Placement) and not there.local
         target = {"b": b, "c": c}[there.instance.id]
@@ -185,7 +185,8 @@ async def test_a_ticket_is_taken_once_and_only_by_the_instance_it_names(redis_se
         assert await a.claim("t2") is None
         assert await other.claim("t2") is None
         claimed = await target.claim("t2")
-        assert claimed is not None and claimed[0] == Ticket("CA" + "2" * 32, "v", "hi")
+        # the holder learns From/To too (the app's call_started carries them on any instance)
+        assert claimed is not None and claimed[0] == Ticket("CA" + "2" * 32, "v", "hi", "+15550001", "+15550002")
         assert await target.claim("t2") is None  # once
         assert target._worker().held == 1 and other._worker().held == 0  # type: ignore[attr-defined]
     finally:
