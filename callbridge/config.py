@@ -121,10 +121,11 @@ class AgentSettings:
 
 @dataclass(frozen=True)
 class SipNumber:
-    """What a dialled number gets: a voice and a greeting (never from caller-supplied headers)."""
+    """What a dialled number gets: a voice, a greeting and an app (never from caller-supplied headers)."""
 
     voice: str = ""  # "" = voices.default
     greeting: str = ""  # "" = sip.greeting
+    app_websocket_url: str = ""  # "" = app.websocket_url (the app connection; same app.secret)
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,10 @@ class SipNumbers:
             raise SettingsError(f"{key}: expected a table of numbers, e.g. [{key}.\"+15550100\"]")
         out = []
         for number, entry in value.items():
-            if not isinstance(entry, dict) or set(entry) - {"voice", "greeting"}:
-                raise SettingsError(f"{key}.{number}: expected a table with voice and/or greeting")
+            if not isinstance(entry, dict) or set(entry) - {"voice", "greeting", "app_websocket_url"}:
+                raise SettingsError(f"{key}.{number}: expected a table with voice, greeting and/or app_websocket_url")
             if not all(isinstance(v, str) for v in entry.values()):
-                raise SettingsError(f"{key}.{number}: voice and greeting must be strings")
+                raise SettingsError(f"{key}.{number}: voice, greeting and app_websocket_url must be strings")
             out.append((number, SipNumber(**entry)))
         return cls(tuple(out))
 
@@ -498,6 +499,9 @@ def validate(s: Settings) -> None:
     _validate_speech(s.speech)
     _validate_sip(s.sip)
     _validate_app(s.app)
+    for number, entry in s.sip.numbers.entries:  # a number's own app is reached like the default one
+        if entry.app_websocket_url:
+            _check_app_url(f'sip.numbers."{number}".app_websocket_url', entry.app_websocket_url, s.app.secret)
     _validate_cluster(s.cluster, s.server)
     _validate_voice_check(s.voice_check)
 
@@ -564,17 +568,21 @@ def _validate_voice_check(vc: VoiceCheckSettings) -> None:
 MIN_APP_SECRET_CHARS = 16
 
 
+def _check_app_url(key: str, url: str, secret: str, hint: str = "") -> None:
+    if not url.startswith(("wss://", "ws://")):
+        raise SettingsError(f"{key} = {url!r}: must be a ws:// or wss:// URL {hint}".rstrip())
+    if len(secret) < MIN_APP_SECRET_CHARS:
+        raise SettingsError(f"{key} is set: set CALLBRIDGE_APP_SECRET to a random secret of at least "
+                            f"{MIN_APP_SECRET_CHARS} characters (e.g. openssl rand -hex 24); the app checks the "
+                            "bridge's signature with it")
+
+
 def _validate_app(a: AppSettings) -> None:
     def bad(key: str, value: Any, why: str) -> SettingsError:
         return SettingsError(f"app.{key} = {value!r}: {why}")
 
     if a.websocket_url:
-        if not a.websocket_url.startswith(("wss://", "ws://")):
-            raise bad("websocket_url", a.websocket_url, "must be a ws:// or wss:// URL (env CALLBRIDGE_APP_WS_URL)")
-        if len(a.secret) < MIN_APP_SECRET_CHARS:
-            raise SettingsError(f"app.websocket_url is set: set CALLBRIDGE_APP_SECRET to a random secret of at least "
-                                f"{MIN_APP_SECRET_CHARS} characters (e.g. openssl rand -hex 24); the app checks the "
-                                "bridge's signature with it")
+        _check_app_url("app.websocket_url", a.websocket_url, a.secret, "(env CALLBRIDGE_APP_WS_URL)")
     if not 0.1 <= a.connect_timeout_s <= 60:
         raise bad("connect_timeout_s", a.connect_timeout_s, "must be 0.1…60")
     if not 1 <= a.connect_attempts <= 10:

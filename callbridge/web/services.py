@@ -10,7 +10,7 @@ import logging
 import re
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from aiohttp import web
@@ -77,13 +77,15 @@ class Services:
         not started yet, a SIP call before its ACK, a live call). The admission keeps the count."""
         return self.admission.live if self.admission is not None else 0
 
-    def start_call(self, call: Call) -> None:
+    def start_call(self, call: Call, app_url: str = "") -> None:
         """A carrier's handler has a call whose media started: register it, open its app
-        connection (from this instance, the one that holds the call), begin it. Every carrier
-        starts its calls here, so the app sees every call whatever the carrier."""
+        connection (from this instance, the one that holds the call; ``app_url`` when the call's
+        route names its own app, else ``[app] websocket_url``), begin it. Every carrier starts its
+        calls here, so the app sees every call whatever the carrier."""
         self.calls[call.call_sid] = call
-        if self.settings.app.websocket_url:
-            link = AppLink(call, self.settings.app)  # subscribed before begin(): it gets call_started
+        app = replace(self.settings.app, websocket_url=app_url) if app_url else self.settings.app
+        if app.websocket_url:
+            link = AppLink(call, app)  # subscribed before begin(): it gets call_started
             task = asyncio.get_running_loop().create_task(link.run(), name=f"app-link-{call.call_sid}")
             self.app_links[call.call_sid] = task
             task.add_done_callback(lambda t, sid=call.call_sid: self._link_done(sid, t))

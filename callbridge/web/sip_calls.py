@@ -103,7 +103,7 @@ class SipCallRouter:
                     reservation=admission.reservation, fallback_ulaw8k=svc.fallback_ulaw8k, agent=svc.agent,
                     speech=svc.speech)
         leg.attach(call)
-        svc.start_call(call)  # registered, its app connection opened ([app]), begun
+        svc.start_call(call, admission.route.app_url)  # registered, its app connection opened ([app]), begun
         try:
             async with asyncio.timeout(svc.settings.calls.max_call_s):  # not wait_for: see design.md
                 await call.ended.wait()

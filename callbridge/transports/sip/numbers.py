@@ -22,6 +22,7 @@ _SEPARATORS = re.compile(r"[\s().\-]")
 class Route:
     voice: str
     greeting: str
+    app_url: str = ""  # the number's own app connection; "" = [app] websocket_url
 
 
 def _normal(number: str) -> str:
@@ -29,11 +30,12 @@ def _normal(number: str) -> str:
 
 
 def route_call(sip: SipSettings, default_voice: str, dialled: str) -> Route | None:
-    """The voice and greeting for ``dialled``; None when it is unknown and ``sip.unknown_numbers = "reject"``."""
+    """The voice, greeting and app for ``dialled``; None when it is unknown and ``sip.unknown_numbers = "reject"``."""
     wanted = _normal(dialled)
     for number, entry in sip.numbers.entries:
         if _normal(number) == wanted:
-            return Route(voice=entry.voice or default_voice, greeting=entry.greeting or sip.greeting)
+            return Route(voice=entry.voice or default_voice, greeting=entry.greeting or sip.greeting,
+                         app_url=entry.app_websocket_url)
     if sip.unknown_numbers == "reject":
         return None
     return Route(voice=default_voice, greeting=sip.greeting)

@@ -85,12 +85,26 @@ allow = "127.0.0.1"
 digest = false
 [sip.numbers."+1 (555) 010-0100"]
 voice = "anna"
+app_websocket_url = "wss://app.example.com/anna"
 """)
-    sip = load_settings(path, env={}).sip
-    assert route_call(sip, "default", "+15550100100;phone-context=x") == Route("anna", "Hello")
+    sip = load_settings(path, env={"CALLBRIDGE_APP_SECRET": "0123456789abcdef"}).sip
+    assert route_call(sip, "default", "+15550100100;phone-context=x") == Route("anna", "Hello",
+                                                                             "wss://app.example.com/anna")
     assert route_call(sip, "default", "+15550199") == Route("default", "Hello")
     strict = dataclasses.replace(sip, unknown_numbers="reject")
     assert route_call(strict, "default", "+15550199") is None
     allow = allow_list(sip)
     assert [t.name for t in allow.trunks] == ["carrier", "default"]
     assert allow.match("127.0.0.1").name == "carrier" and allow.match("127.0.0.2").name == "default"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ('app_websocket_url = "https://app.example.com"', "must be a ws:// or wss:// URL"),
+    ('app_websocket_url = "wss://app.example.com"', "set CALLBRIDGE_APP_SECRET"),
+])
+def test_a_numbers_own_app_is_checked_like_the_default_one(tmp_path: Path, entry: str, expected: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[sip.numbers."+15550100"]\n{entry}\n')
+    with pytest.raises(SettingsError, match=expected) as err:
+        load_settings(path, env={})
+    assert 'sip.numbers."+15550100".app_websocket_url' in str(err.value)

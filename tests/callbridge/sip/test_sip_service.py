@@ -72,9 +72,9 @@ def free_tcp_port() -> int:
 @contextlib.asynccontextmanager
 async def service(tiny_runtime: Dia2, tmp: Path, agent: Any, *, speech: dict[str, Any] | None = None,
                   build: dict[str, Any] | None = None, app_ws: dict[str, Any] | None = None,
-                  **calls: object) -> AsyncIterator[Any]:
+                  numbers: dict[str, Any] | None = None, **calls: object) -> AsyncIterator[Any]:
     """The whole service with SIP on; ``speech``: [speech] keys; ``build``: build_app options;
-    ``app_ws``: [app] keys (the app connection)."""
+    ``app_ws``: [app] keys (the app connection); ``numbers``: [sip.numbers] tables."""
     low, high = free_port_range(10)
     port = free_tcp_port()
     settings = Settings().with_(
@@ -83,7 +83,8 @@ async def service(tiny_runtime: Dia2, tmp: Path, agent: Any, *, speech: dict[str
         voices={"dir": str(tmp / "voices")},
         tts={"max_streams": 4},
         calls={"max_calls": 4, "hangup_drain_timeout_s": 1.0, **calls},
-        sip={"listen": "127.0.0.1:0", "allow": "127.0.0.1/32", "rtp_ports": f"{low}-{high}"},
+        sip={"listen": "127.0.0.1:0", "allow": "127.0.0.1/32", "rtp_ports": f"{low}-{high}",
+             **({"numbers": numbers} if numbers else {})},
         **({"speech": speech} if speech else {}),
         **({"app": app_ws} if app_ws else {}),
     )
@@ -256,15 +257,20 @@ async def test_sip_caller_speech_reaches_the_agent_as_a_transcript(tiny_runtime:
         assert (await agent.next("call_ended"))["reason"] == "hangup: caller"
 
 
-async def test_a_sip_call_opens_the_app_connection_too(tiny_runtime: Dia2, tmp_path: Path) -> None:
-    """The app connection is carrier-neutral: a SIP call reaches the app as a Twilio call does."""
+@pytest.mark.parametrize("where", ["app.websocket_url", "the number's app_websocket_url"])
+async def test_a_sip_call_opens_the_app_connection_too(tiny_runtime: Dia2, tmp_path: Path, where: str) -> None:
+    """The app connection is carrier-neutral: a SIP call reaches the app as a Twilio call does,
+    at the default app or at the one its dialled number names."""
     from ..app_server import SECRET, AppServer
 
     app_server = await AppServer().start()
     wav = caller_wav(tmp_path / "quiet.wav", silence_s=30, speech_s=0.5)
+    if where == "app.websocket_url":
+        app_ws, numbers = {"websocket_url": app_server.url, "secret": SECRET}, None
+    else:
+        app_ws, numbers = {"secret": SECRET}, {"+15550100": {"app_websocket_url": app_server.url}}
     try:
-        async with service(tiny_runtime, tmp_path, RecordingAgent(say=""),
-                           app_ws={"websocket_url": app_server.url, "secret": SECRET}) as (app, _), \
+        async with service(tiny_runtime, tmp_path, RecordingAgent(say=""), app_ws=app_ws, numbers=numbers) as (app, _), \
                 Baresip(tmp_path / "phone", caller_wav=wav) as phone:
             await phone.command("dial", f"sip:+15550100@127.0.0.1:{sip_port(app)}")
             conn = await app_server.next_connection()
