@@ -4,26 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh "voice,speech,check,test"
-# A real SIP client for the SIP integration tests (they skip without it).
-if ! command -v baresip >/dev/null 2>&1; then
+# Real peers for the integration tests (they skip without them): a SIP client and a Redis server.
+need() {  # need PROGRAM DEBIAN-PACKAGE WHAT-FOR
+    command -v "$1" >/dev/null 2>&1 && return
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing baresip-core (SIP integration tests)"
-        apt-get install -y --no-install-recommends baresip-core >/dev/null \
-            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends baresip-core >/dev/null; }
+        echo "==> installing $2 ($3)"
+        apt-get install -y --no-install-recommends "$2" >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends "$2" >/dev/null; }
     else
-        echo "==> baresip not found and not root: the SIP integration tests will be skipped"
+        echo "==> $1 not found and not root: the $3 will be skipped"
     fi
-fi
-# A real Redis server for the cluster tests (they skip without it).
-if ! command -v redis-server >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing redis-server (cluster tests)"
-        apt-get install -y --no-install-recommends redis-server >/dev/null \
-            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends redis-server >/dev/null; }
-    else
-        echo "==> redis-server not found and not root: the cluster tests will be skipped"
-    fi
-fi
+}
+need baresip baresip-core "SIP integration tests"
+need redis-server redis-server "cluster tests"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "==> ruff"
 .venv/bin/ruff check dia2 callbridge tests bench

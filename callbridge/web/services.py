@@ -91,6 +91,16 @@ class Services:
             task.add_done_callback(lambda t, sid=call.call_sid: self._link_done(sid, t))
         call.begin()
 
+    def forget_call(self, call: Call) -> None:
+        """A carrier's handler is done with a call that ended: unregister it, give its admission
+        slot back, tell the observers. Every carrier ends its calls here."""
+        if self.calls.get(call.call_sid) is call:
+            del self.calls[call.call_sid]
+        if self.admission is not None:
+            self.admission.ended(call.call_sid)
+        for observe in self.call_observers:
+            observe(call)
+
     def _link_done(self, call_sid: str, task: asyncio.Task[None]) -> None:
         if self.app_links.get(call_sid) is task:
             del self.app_links[call_sid]

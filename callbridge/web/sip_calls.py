@@ -111,12 +111,7 @@ class SipCallRouter:
             call.log.warning("call reached calls.max_call_s = %.0f s: hanging up", svc.settings.calls.max_call_s)
             await call.end("hangup: max_call_s")
         finally:
-            if svc.calls.get(call.call_sid) is call:
-                del svc.calls[call.call_sid]
-            if svc.admission is not None:
-                svc.admission.ended(call.call_sid)
-            for observe in svc.call_observers:
-                observe(call)
+            svc.forget_call(call)
 
 
 def check_numbers(svc: Services) -> None:

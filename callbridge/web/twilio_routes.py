@@ -245,12 +245,7 @@ async def twilio_stream(request: web.Request) -> web.WebSocketResponse:
         call.on_leg_event(LegEnded(reason))  # the call ends (a no-op if it ended elsewhere)...
         with contextlib.suppress(asyncio.CancelledError):
             await call.ended.wait()  # ...and has closed the socket with the code for its end reason
-        if svc.calls.get(call.call_sid) is call:
-            del svc.calls[call.call_sid]
-        if svc.admission is not None:
-            svc.admission.ended(call.call_sid)
-        for observe in svc.call_observers:
-            observe(call)
+        svc.forget_call(call)
     return ws
 
 
