@@ -181,7 +181,7 @@ def _assignments_and_calls(path: Path) -> tuple[set[str], set[str]]:
 def test_one_rule_in_one_place() -> None:
     """Each rule of the service is written once (the simulator keeps its own copies by design:
     it checks the service from outside): the 20 ms chunk constants in ``audio/g711.py``, the
-    sampling settings → ``GenerationConfig`` in ``tts.py``, the fade-out in ``audio/convert.py``,
+    sampling settings → ``GenerationConfig`` in ``tts/generation.py``, the fade-out in ``audio/convert.py``,
     the pending marks in ``calls/playout.py``."""
     owners = {"CHUNK_BYTES": "callbridge/audio/g711.py", "CHUNK_MS": "callbridge/audio/g711.py",
               "ULAW_SILENCE": "callbridge/audio/g711.py"}
@@ -193,7 +193,7 @@ def test_one_rule_in_one_place() -> None:
         assigned, called = _assignments_and_calls(path)
         bad += [f"{rel} defines {name} (it lives in {owners[name]})" for name in assigned & owners.keys()
                 if owners[name] != rel]
-        if "GenerationConfig" in called and rel != "callbridge/tts.py":
+        if "GenerationConfig" in called and rel != "callbridge/tts/generation.py":
             bad.append(f"{rel} builds a GenerationConfig (use callbridge.tts.generation_config)")
         source = path.read_text(encoding="utf-8")
         if "def fade_out" in source and rel != "callbridge/audio/convert.py":

@@ -20,13 +20,6 @@ life with :meth:`TtsWorker.reserve`, so its turns are never refused mid-call.
 Command queue: a ``queue.SimpleQueue``, unbounded on purpose: its producer is the event loop,
 which must never block on a put, and its items are a few words of text or a flag each.
 
-Frame queue policy: the producer (the GPU thread) never blocks and never waits for a reader.
-Frames are small (1920 float32 = 7.5 KiB per 80 ms), so each turn's queue is unbounded up to
-``max_backlog_frames`` (default 1500 frames = 120 s of audio, far more than a reader that
-keeps up can fall behind). A turn whose reader lets the backlog reach that cap has a dead
-reader: its further frames are dropped (counted in :attr:`TurnTiming.dropped_frames` and
-logged) and the turn is cancelled to free the GPU slot. With a live reader there are no drops.
-
 Lifecycle (:class:`WorkerState`, checked transitions): STARTING (the thread builds the runner,
 which captures the CUDA graphs on a GPU, then steps a warm-up turn to its first frame) →
 READY (serving) → STOPPED. Only a READY worker admits: :meth:`TtsWorker.reserve` says no
@@ -48,30 +41,44 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from dia2 import (
     AudioFrame,
     DeviceLost,
     Dia2,
     GenerationConfig,
-    SamplingParams,
     Stream,
     StreamRunner,
     StreamStatus,
     VoiceSnapshot,
 )
 
-from .config import TtsSettings
+from .errors import TtsError, TurnFailed, WorkerClosed, WorkerFaulted, WorkerFull
+from .generation import warm_up_config
+from .turn import (
+    NO_COUNTERS,
+    Cancel,
+    CloseText,
+    Command,
+    Counters,
+    Event,
+    Open,
+    Push,
+    Reservation,
+    RunFn,
+    Stop,
+    TurnHandle,
+    deliver,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("callbridge.tts")
 
 T = TypeVar("T")
 
@@ -104,283 +111,6 @@ _WORKER_TRANSITIONS: Final[dict[WorkerState, frozenset[WorkerState]]] = {
 }
 
 
-def generation_config(tts: TtsSettings, *, seed: int) -> GenerationConfig:
-    """The sampling of a turn from the ``[tts]`` settings: the one place they become a
-    :class:`dia2.GenerationConfig` (calls, ``/ws/stream_tts`` and the benches all use it)."""
-    return GenerationConfig(
-        text=SamplingParams(tts.text_temperature, tts.top_k),
-        audio=SamplingParams(tts.temperature, tts.top_k),
-        cfg_scale=tts.cfg_scale,
-        initial_padding=tts.initial_padding,
-        seed=seed,
-    )
-
-
-class TtsError(Exception):
-    """Base class of the worker's named errors."""
-
-
-class WorkerFull(TtsError):
-    """No stream slot is free (or a reservation already has a running turn); refuse or retry later."""
-
-
-class WorkerClosed(TtsError):
-    """The worker was stopped; it takes no new turns."""
-
-
-class WorkerFaulted(TtsError):
-    """The worker's start-up failed or its runner faulted; ``reason`` says why (it awaits a restart)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class TurnFailed(TtsError):
-    """The turn failed on the worker (a step raised, bad text, a dead reader); ``message`` says why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-@dataclass
-class TurnTiming:
-    """Timing and counters of one turn. Times are ``time.monotonic()`` seconds.
-
-    Updated on the event loop's thread only (the worker sends copies of its counters along
-    with the frames), so reading it from the loop is always consistent.
-    """
-
-    opened_at: float  # open_turn was called
-    started_at: float | None = None  # the worker restored the snapshot (the turn's first step is next)
-    first_frame_at: float | None = None  # the worker had the first complete PCM frame
-    ended_at: float | None = None  # the worker ended the turn (done, cancelled or failed)
-    steps_to_first_frame: int | None = None  # steps of this turn up to and including its first frame
-    steps: int = 0  # steps this turn took part in
-    held_steps: int = 0  # steps spent waiting for text (streaming underruns)
-    parts: int = 1  # long turns are spoken in parts (each restarted from the snapshot)
-    frames: int = 0  # frames delivered to the reader's queue
-    dropped_frames: int = 0  # frames dropped because the reader's backlog hit the cap
-
-    @property
-    def time_to_first_frame_s(self) -> float | None:
-        """Seconds from ``open_turn`` to the first complete frame on the worker."""
-        return None if self.first_frame_at is None else self.first_frame_at - self.opened_at
-
-
-@dataclass(frozen=True)
-class _Counters:
-    """The worker-side counters of a turn, copied into the event that carries them."""
-
-    started_at: float | None
-    first_frame_at: float | None
-    steps_to_first_frame: int | None
-    steps: int
-    held_steps: int
-    parts: int
-
-
-@dataclass(frozen=True)
-class _Event:
-    """Worker → loop: a turn started, got frames, and/or ended."""
-
-    handle: TurnHandle
-    counters: _Counters
-    started: bool = False
-    frames: tuple[AudioFrame, ...] = ()
-    ended: StreamStatus | None = None  # DONE, CANCELLED or FAILED: the turn's last event
-    error: str | None = None
-    ended_at: float | None = None
-
-
-# ---------------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True)
-class _Open:
-    handle: TurnHandle
-    snapshot: VoiceSnapshot
-    config: GenerationConfig
-    text: str | None
-    close: bool
-
-
-@dataclass(frozen=True)
-class _Push:
-    handle: TurnHandle
-    text: str
-
-
-@dataclass(frozen=True)
-class _CloseText:
-    handle: TurnHandle
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    handle: TurnHandle
-
-
-@dataclass(frozen=True)
-class _RunFn:
-    fn: Callable[[StreamRunner], Any]
-    future: concurrent.futures.Future[Any]
-
-
-@dataclass(frozen=True)
-class _Stop:
-    pass
-
-
-_Command = _Open | _Push | _CloseText | _Cancel | _RunFn | _Stop
-
-
-# ---------------------------------------------------------------------------- handles
-
-
-class Reservation:
-    """One stream slot held for a phone call from admission to hang-up. Build with :meth:`TtsWorker.reserve`.
-
-    Turns opened with ``reservation=`` use this slot, one at a time, and are never refused
-    for lack of capacity. :meth:`release` (idempotent; also the context-manager exit) gives
-    the slot back; a turn still running on it keeps the slot until it ends.
-    """
-
-    _ids = itertools.count(1)
-
-    def __init__(self, worker: TtsWorker) -> None:
-        self.id = next(Reservation._ids)
-        self._worker = worker
-        self._released = False
-        self._turn: TurnHandle | None = None  # guarded by the worker's lock
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def release(self) -> None:
-        self._worker._release_reservation(self)
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-class TurnHandle:
-    """The loop-side end of one turn. Build with :meth:`TtsWorker.open_turn`.
-
-    ``push_text``, ``close_text`` and ``cancel`` never block: they queue a command that the
-    worker thread applies between two steps (they may be called from any thread). Frames
-    come out of :meth:`frames`, meant for one reader on the loop that opened the turn.
-    """
-
-    def __init__(self, worker: TtsWorker, turn_id: str, loop: asyncio.AbstractEventLoop,
-                 reservation: Reservation | None, max_backlog_frames: int) -> None:
-        self.turn_id = turn_id
-        self.timing = TurnTiming(opened_at=time.monotonic())
-        self.status = StreamStatus.RUNNING  # as the loop knows it (set from the worker's events)
-        self.error: str | None = None
-        #: The runner slot, set by the worker when the turn starts (diagnostics, tests).
-        self.slot: int | None = None
-        self._worker = worker
-        self._loop = loop
-        self._reservation = reservation
-        self._holds_slot = reservation is None  # guarded by the worker's lock
-        self._max_backlog = max_backlog_frames
-        self._queue: asyncio.Queue[AudioFrame | None] = asyncio.Queue()  # None: the turn ended
-        self._started: asyncio.Future[None] = loop.create_future()
-        self._text_closed = False
-        self._cancel_requested = False
-        self._log = logging.LoggerAdapter(log, {"worker": worker.name, "turn_id": turn_id})
-
-    def __repr__(self) -> str:
-        return f"<TurnHandle {self.turn_id} {self.status.value}>"
-
-    @property
-    def done(self) -> bool:
-        """True once the worker has ended the turn and said so (its last frame is queued)."""
-        return self.status is not StreamStatus.RUNNING
-
-    @property
-    def text_closed(self) -> bool:
-        return self._text_closed
-
-    def push_text(self, text: str) -> None:
-        """Add text (any chunking; a word is taken once whitespace follows it, or at close)."""
-        if self._text_closed:
-            raise TtsError(f"turn {self.turn_id}: cannot push text after close_text()")
-        if self._cancel_requested or self.done:
-            return  # the turn is over; late text from an LLM stream is not an error
-        self._worker._submit(_Push(self, text))
-
-    def close_text(self) -> None:
-        """No more text: the turn ends after its last word and the flush tail."""
-        if self._text_closed:
-            return
-        self._text_closed = True
-        if not (self._cancel_requested or self.done):
-            self._worker._submit(_CloseText(self))
-
-    def cancel(self) -> None:
-        """Stop the turn (barge-in). Its slot is free for a turn opened right after this call."""
-        if self._cancel_requested or self.done:
-            return
-        self._cancel_requested = True
-        self._worker._end_hold(self)  # before the command: FIFO makes the runner slot free in time
-        self._worker._submit(_Cancel(self))
-
-    async def frames(self) -> AsyncIterator[AudioFrame]:
-        """Yield the turn's frames as they complete; end when the turn ends.
-
-        Raises :class:`TurnFailed` after the last good frame if the turn failed. A cancelled
-        turn (by :meth:`cancel` or the worker's stop) just ends.
-        """
-        while True:
-            frame = await self._queue.get()
-            if frame is None:
-                self._queue.put_nowait(None)  # a second reader (or call) ends at once too
-                if self.status is StreamStatus.FAILED:
-                    raise TurnFailed(self.error or "turn failed")
-                return
-            yield frame
-
-    # ---- loop side of the worker's events
-
-    def _apply(self, event: _Event) -> None:
-        c = event.counters
-        t = self.timing
-        t.started_at, t.first_frame_at = c.started_at, c.first_frame_at
-        t.steps_to_first_frame, t.steps, t.held_steps, t.parts = c.steps_to_first_frame, c.steps, c.held_steps, c.parts
-        for frame in event.frames:
-            if self._queue.qsize() >= self._max_backlog:
-                t.dropped_frames += 1
-                if t.dropped_frames == 1:
-                    self._log.warning("turn %s: reader is %d frames behind; dropping frames and cancelling",
-                                      self.turn_id, self._queue.qsize())
-                    self.cancel()
-                continue
-            self._queue.put_nowait(frame)
-            t.frames += 1
-        if event.started and not self._started.done():
-            self._started.set_result(None)
-        if event.ended is not None:
-            t.ended_at = event.ended_at
-            self.status = event.ended
-            self.error = event.error
-            if not self._started.done():
-                if event.ended is StreamStatus.FAILED:
-                    self._started.set_exception(TurnFailed(event.error or "turn failed to start"))
-                else:
-                    self._started.set_result(None)
-            self._queue.put_nowait(None)
-
-
-# ---------------------------------------------------------------------------- the worker
-
-
 @dataclass
 class _Live:
     """Worker-thread bookkeeping of a started turn."""
@@ -390,24 +120,23 @@ class _Live:
     started_at: float
     first_frame_at: float | None = None
 
-    def counters(self) -> _Counters:
+    def counters(self) -> Counters:
         s = self.stream.stats
-        return _Counters(
+        return Counters(
             started_at=self.started_at, first_frame_at=self.first_frame_at,
             steps_to_first_frame=s.steps_to_first_frame, steps=s.steps, held_steps=s.held_steps, parts=s.parts,
         )
 
 
-_NO_COUNTERS: Final = _Counters(None, None, None, 0, 0, 1)
 
 
 @dataclass
 class _Outbox:
     """Events of one loop iteration, grouped by loop: one ``call_soon_threadsafe`` per loop."""
 
-    by_loop: dict[asyncio.AbstractEventLoop, list[_Event]] = field(default_factory=dict)
+    by_loop: dict[asyncio.AbstractEventLoop, list[Event]] = field(default_factory=dict)
 
-    def add(self, event: _Event) -> None:
+    def add(self, event: Event) -> None:
         self.by_loop.setdefault(event.handle._loop, []).append(event)
 
 
@@ -433,7 +162,7 @@ class TtsWorker:
         self._capacity = max_streams
         self._runner_factory = runner_factory  # tests inject faults through it
         self._runner: StreamRunner | None = None  # built on the worker thread
-        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the slot accounting below (held for microseconds)
         self._held = 0  # slots taken: reservations + turns that do not run on a live reservation
         self._handles: set[TurnHandle] = set()  # turns opened and not yet ended on the loop side
@@ -556,7 +285,7 @@ class TtsWorker:
         thread = self._thread
         if thread is None:
             return
-        self._commands.put(_Stop())
+        self._commands.put(Stop())
         thread.join(timeout_s)
         if thread.is_alive():
             log.error("tts worker %s did not stop within %.1f s", self.name, timeout_s)
@@ -667,7 +396,7 @@ class TtsWorker:
         self._take_slot(handle, reservation)
         if close:
             handle._text_closed = True
-        refusal = self._submit_open(_Open(handle, snapshot, config, text, close))
+        refusal = self._submit_open(Open(handle, snapshot, config, text, close))
         if refusal is not None:
             self._end_hold(handle)
             raise refusal
@@ -683,15 +412,15 @@ class TtsWorker:
         if self._thread is None or self._closed:
             raise WorkerClosed(f"worker {self.name} is not running")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        refusal = self._submit_open(_RunFn(fn, future))
+        refusal = self._submit_open(RunFn(fn, future))
         if refusal is not None:
             raise refusal
         return await asyncio.wrap_future(future)
 
-    def _submit(self, command: _Command) -> None:
+    def _submit(self, command: Command) -> None:
         self._commands.put(command)
 
-    def _submit_open(self, command: _Open | _RunFn) -> TtsError | None:
+    def _submit_open(self, command: Open | RunFn) -> TtsError | None:
         """Queue a command that needs an answer, or say why not. Under the lock, so that a thread
         that faults or stops (the state changes under the same lock, then the thread drains the
         queue) never leaves one unanswered."""
@@ -776,7 +505,7 @@ class TtsWorker:
         runner = self._runner
         assert runner is not None
         start = time.monotonic()
-        stream = runner.start(None, GenerationConfig(seed=0), text=WARM_UP_TEXT, close=True)
+        stream = runner.start(None, warm_up_config(), text=WARM_UP_TEXT, close=True)
         for _ in range(WARM_UP_MAX_STEPS):
             runner.step()
             if stream.stats.first_frame_at is not None or stream.done:
@@ -791,7 +520,7 @@ class TtsWorker:
         except queue.Empty:
             return False
         while True:
-            if isinstance(command, _Stop):
+            if isinstance(command, Stop):
                 return True
             self._apply(runner, command, outbox)
             try:
@@ -799,25 +528,25 @@ class TtsWorker:
             except queue.Empty:
                 return False
 
-    def _apply(self, runner: StreamRunner, command: _Command, outbox: _Outbox) -> None:
-        if isinstance(command, _Open):
+    def _apply(self, runner: StreamRunner, command: Command, outbox: _Outbox) -> None:
+        if isinstance(command, Open):
             self._open(runner, command, outbox)
-        elif isinstance(command, _RunFn):
+        elif isinstance(command, RunFn):
             if command.future.set_running_or_notify_cancel():
                 try:
                     command.future.set_result(command.fn(runner))
                 except Exception as exc:  # the caller's function: its error goes back to the caller
                     command.future.set_exception(exc)
-        elif isinstance(command, _Push | _CloseText | _Cancel):
+        elif isinstance(command, Push | CloseText | Cancel):
             live = self._live.get(command.handle)
             if live is None:
                 return  # ended already (or never started): nothing to do
-            if isinstance(command, _Cancel):
+            if isinstance(command, Cancel):
                 live.stream.cancel()
                 self._end(live, outbox, StreamStatus.CANCELLED, None)
                 return
             try:
-                if isinstance(command, _Push):
+                if isinstance(command, Push):
                     live.stream.push_text(command.text)
                 else:
                     live.stream.close_text()
@@ -825,23 +554,23 @@ class TtsWorker:
                 live.stream.cancel()
                 self._end(live, outbox, StreamStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
-    def _open(self, runner: StreamRunner, command: _Open, outbox: _Outbox) -> None:
+    def _open(self, runner: StreamRunner, command: Open, outbox: _Outbox) -> None:
         handle = command.handle
         if handle._cancel_requested:
-            outbox.add(_Event(handle, _NO_COUNTERS, ended=StreamStatus.CANCELLED, ended_at=time.monotonic()))
+            outbox.add(Event(handle, NO_COUNTERS, ended=StreamStatus.CANCELLED, ended_at=time.monotonic()))
             return
         try:
             stream = runner.start(command.snapshot, command.config)
         except Exception as exc:  # e.g. a snapshot for another model: this turn fails, not the worker
             handle._log.warning("turn %s could not start: %s: %s", handle.turn_id, type(exc).__name__, exc)
             self._end_hold(handle)
-            outbox.add(_Event(handle, _NO_COUNTERS, ended=StreamStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
+            outbox.add(Event(handle, NO_COUNTERS, ended=StreamStatus.FAILED, error=f"{type(exc).__name__}: {exc}",
                               ended_at=time.monotonic()))
             return
         live = _Live(handle, stream, started_at=time.monotonic())
         self._live[handle] = live
         handle.slot = stream.slot
-        outbox.add(_Event(handle, live.counters(), started=True))
+        outbox.add(Event(handle, live.counters(), started=True))
         handle._log.debug("turn %s started in slot %s", handle.turn_id, stream.slot)
         try:
             if command.text:
@@ -871,7 +600,7 @@ class TtsWorker:
             status = live.stream.status
             if status is StreamStatus.RUNNING:
                 if frames:
-                    outbox.add(_Event(live.handle, live.counters(), frames=tuple(frames)))
+                    outbox.add(Event(live.handle, live.counters(), frames=tuple(frames)))
                 continue
             self._end(live, outbox, status, live.stream.error, frames=tuple(frames))
 
@@ -881,7 +610,7 @@ class TtsWorker:
         handle = live.handle
         self._live.pop(handle, None)
         self._end_hold(handle)
-        outbox.add(_Event(handle, live.counters(), frames=frames, ended=ended, error=error, ended_at=time.monotonic()))
+        outbox.add(Event(handle, live.counters(), frames=frames, ended=ended, error=error, ended_at=time.monotonic()))
         stats = live.stream.stats
         ttff_ms = (live.first_frame_at - handle.timing.opened_at) * 1e3 if live.first_frame_at is not None else None
         if ended is StreamStatus.FAILED:
@@ -907,7 +636,7 @@ class TtsWorker:
         """One ``call_soon_threadsafe`` per loop with this iteration's events; never blocks."""
         for loop, events in outbox.by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, events)
+                loop.call_soon_threadsafe(deliver, events)
             except RuntimeError:  # that loop is closed: nobody will read these turns
                 for event in events:
                     live = self._live.get(event.handle)
@@ -926,36 +655,15 @@ class TtsWorker:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(command, _Open):
+            if isinstance(command, Open):
                 self._end_hold(command.handle)
                 if failed is None:
-                    outbox.add(_Event(command.handle, _NO_COUNTERS, ended=StreamStatus.CANCELLED,
+                    outbox.add(Event(command.handle, NO_COUNTERS, ended=StreamStatus.CANCELLED,
                                       ended_at=time.monotonic()))
                 else:
-                    outbox.add(_Event(command.handle, _NO_COUNTERS, ended=StreamStatus.FAILED,
+                    outbox.add(Event(command.handle, NO_COUNTERS, ended=StreamStatus.FAILED,
                                       error=f"tts worker fault: {failed}", ended_at=time.monotonic()))
-            elif isinstance(command, _RunFn) and command.future.set_running_or_notify_cancel():
+            elif isinstance(command, RunFn) and command.future.set_running_or_notify_cancel():
                 command.future.set_exception(WorkerClosed(f"worker {self.name} is stopped") if failed is None
                                              else WorkerFaulted(failed))
         self._flush(outbox)
-
-
-def _deliver(events: list[_Event]) -> None:
-    """Runs on the event loop: apply the worker's events to their handles in order."""
-    for event in events:
-        event.handle._apply(event)
-
-
-__all__ = [
-    "DEFAULT_MAX_BACKLOG_FRAMES",
-    "Reservation",
-    "TtsError",
-    "TtsWorker",
-    "TurnFailed",
-    "TurnHandle",
-    "TurnTiming",
-    "WorkerClosed",
-    "WorkerFaulted",
-    "WorkerFull",
-    "WorkerState",
-]
