@@ -39,15 +39,11 @@ from typing import Any
 import numpy as np
 from common import git_commit, model_folder
 
+from callbridge.sim.ports import free_tcp_port
+
 PUBLIC = "https://cluster.callbridge.invalid"  # what "Twilio" signs over; never contacted
 AUTH, API, ACCOUNT = "bench-twilio-token", "bench-api-token", "AC" + "0" * 32
 HEADERS = {"Authorization": f"Bearer {API}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dist(values: list[float]) -> dict[str, float | int | None]:
@@ -61,7 +57,7 @@ def dist(values: list[float]) -> dict[str, float | int | None]:
 def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("redis-server")
     assert binary is not None
-    port = free_port()
+    port = free_tcp_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
@@ -95,7 +91,7 @@ async def _run(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str,
     runners: list[web.AppRunner] = []
     apps: dict[str, tuple[str, web.Application]] = {}
     for name, max_calls in (("E", 8), ("B", 8), ("F", 1)):
-        port = free_port()
+        port = free_tcp_port()
         cluster = {} if name == "E" else {
             "redis_url": redis_url, "instance_id": name, "internal_url": f"http://127.0.0.1:{port}",
             "public_url": f"https://{name.lower()}.cluster.callbridge.invalid", "key_prefix": "bench:"}

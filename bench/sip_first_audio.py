@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import struct
 import sys
@@ -33,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 from common import git_commit  # noqa: E402
-from sip_rtp import free_range  # noqa: E402
 
 from callbridge.calls.agent import AgentReply  # noqa: E402
 from callbridge.config import Settings  # noqa: E402
 from callbridge.sim import FakeTwilioRest, SimConfig, run_simulation  # noqa: E402
+from callbridge.sim.ports import free_tcp_port, free_udp_range  # noqa: E402
 from callbridge.web.app import build_app  # noqa: E402
 from callbridge.web.services import SERVICES  # noqa: E402
 from callbridge.web.sip_calls import SIP  # noqa: E402
@@ -153,12 +152,6 @@ async def twilio_calls(base: str, rest: FakeTwilioRest, turns: int) -> list[dict
     return out
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def summary(values: list[float | None]) -> dict[str, Any]:
     vals = sorted(v for v in values if v is not None)
     if not vals:
@@ -170,7 +163,7 @@ async def run(turns: int, model: str) -> dict[str, Any]:
     rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
     rest_url = await rest.start()
     port = free_tcp_port()
-    low, high = free_range(8)
+    low, high = free_udp_range(8)
     agent = Agent()
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings().with_(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import struct
 import sys
@@ -34,31 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from callbridge.calls.leg import LegEvent  # noqa: E402
+from callbridge.sim.ports import free_udp_range  # noqa: E402
 from callbridge.transports.sip import AllowList, CallOffered  # noqa: E402
 from callbridge.transports.sip.endpoint import Accept, SipServer  # noqa: E402
 from callbridge.transports.sip.leg import SipLeg  # noqa: E402
 
 CHUNK = b"\x7f" * 160
-
-
-def free_range(size: int) -> tuple[int, int]:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            low = s.getsockname()[1] & ~1
-        socks = []
-        try:
-            for port in range(low, low + size):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return low, low + size - 1
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range")
 
 
 class Feeder:
@@ -140,7 +120,7 @@ async def run_calls(k: int, seconds: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     router = Router(seconds, k)
     server = SipServer(listen=("127.0.0.1", 0), public_address="127.0.0.1", router=router,
-                       allow=AllowList.of("127.0.0.1/32"), rtp_ports=free_range(2 * k + 4), rate_per_s=1000,
+                       allow=AllowList.of("127.0.0.1/32"), rtp_ports=free_udp_range(2 * k + 4), rate_per_s=1000,
                        rate_burst=1000)
     await server.start()
     carriers = []

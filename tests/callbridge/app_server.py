@@ -6,21 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from callbridge.sim.ports import free_tcp_port
 from callbridge.web.app_link import verify_signature
 
 SECRET = "app-secret-for-tests-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -48,7 +42,7 @@ class AppServer:
 
     def __init__(self, secret: str = SECRET) -> None:
         self.secret = secret
-        self.port = free_port()
+        self.port = free_tcp_port()
         self.url = f"ws://127.0.0.1:{self.port}/callbridge"
         self.connections: asyncio.Queue[AppConnection] = asyncio.Queue()
         self.refused = 0

@@ -10,20 +10,16 @@ import subprocess
 import time
 from pathlib import Path
 
+from callbridge.sim.ports import free_tcp_port
+
 REDIS_SERVER = shutil.which("redis-server")
 START_TIMEOUT_S = 30.0  # bound on the wait for the server to answer PING (a hang fails, slowness does not)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
     def __init__(self, folder: Path, port: int | None = None) -> None:
         self.folder = folder
-        self.port = port or free_port()
+        self.port = port or free_tcp_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

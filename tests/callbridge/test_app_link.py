@@ -18,11 +18,12 @@ from callbridge.calls.call import Call
 from callbridge.calls.client_outbox import AudioFormat, ClientOutbox
 from callbridge.calls.leg import CallerAudio
 from callbridge.sim import simulate_call
+from callbridge.sim.ports import free_tcp_port
 from callbridge.web.app_link import signature_headers, verify_signature
 from callbridge.web.services import SERVICES
 from dia2 import Dia2
 
-from .app_server import SECRET, AppServer, free_port
+from .app_server import SECRET, AppServer
 from .test_service import API, WAIT_S, Service, running
 
 pytestmark = pytest.mark.timeout(240)
@@ -73,7 +74,7 @@ async def test_the_app_hears_of_the_call_and_runs_it(tiny_runtime: Dia2, tmp_pat
 
 async def test_an_app_that_cannot_be_reached_gets_the_caller_a_message_and_a_hang_up(
         tiny_runtime: Dia2, tmp_path: Path) -> None:
-    nowhere = f"ws://127.0.0.1:{free_port()}/callbridge"  # nothing listens there
+    nowhere = f"ws://127.0.0.1:{free_tcp_port()}/callbridge"  # nothing listens there
     async with running(tiny_runtime, tmp_path, app=app_section(nowhere, connect_attempts=2)) as service:
         left = ended_calls(service)
         sim = asyncio.create_task(simulate_call(service.sim(hold_s=40.0, max_call_s=60.0), 0))

@@ -29,12 +29,13 @@ from callbridge.cluster import Placement, Refused, Ticket
 from callbridge.cluster.redis_admission import RedisAdmission
 from callbridge.config import Settings, SettingsError, load_settings
 from callbridge.sim import FakeTwilioRest, SimConfig, simulate_call
+from callbridge.sim.ports import free_tcp_port
 from callbridge.transports.twilio import compute_signature
 from callbridge.web.app import build_app
 from callbridge.web.services import SERVICES, Services
 from dia2 import Dia2
 
-from .redis_server import REDIS_SERVER, RedisServer, free_port
+from .redis_server import REDIS_SERVER, RedisServer
 from .test_service import ACCOUNT, API, AUTH, PUBLIC, WAIT_S, settings_for
 
 pytestmark = [pytest.mark.timeout(240),
@@ -319,7 +320,7 @@ async def cluster(tiny_runtime: Dia2, tmp: Path, redis_url: str, prefix: str,
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
         for name, limit in max_calls.items():  # one after another: they share the voices folder
-            port = free_port()
+            port = free_tcp_port()
             public = f"https://{name}.bridge.test"
             settings = settings_for(
                 port, tmp, rest_url, calls={"max_calls": limit, "hangup_drain_timeout_s": 1.0}, twilio=twilio or {},
@@ -473,7 +474,7 @@ async def test_an_owner_that_hangs_or_is_gone_is_a_504_or_a_502_with_a_clear_bod
     try:
         async with cluster(tiny_runtime, tmp_path, redis_server.url, prefix, {"a": 1}, forward_timeout_s=1.0) as c:
             a = c.nodes["a"]
-            for name, url in (("hung", f"http://127.0.0.1:{hung_port}"), ("gone", f"http://127.0.0.1:{free_port()}")):
+            for name, url in (("hung", f"http://127.0.0.1:{hung_port}"), ("gone", f"http://127.0.0.1:{free_tcp_port()}")):
                 await c.redis.hset(f"{prefix}inst:{name}", mapping={"internal_url": url, "public_url": "", "capacity": 1,
                                                                     "ready": 1})
                 await c.redis.set(f"{prefix}call:CA{name:0>32}", name)

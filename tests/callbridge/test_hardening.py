@@ -36,12 +36,13 @@ from callbridge.calls.fallback import FALLBACK_SILENCE_MS, load_fallback_audio
 from callbridge.calls.turns import TurnRejected
 from callbridge.config import Settings, SettingsError
 from callbridge.sim import FakeTwilioRest, SimConfig, simulate_call
+from callbridge.sim.ports import free_tcp_port
 from callbridge.transports.twilio import compute_signature
 from callbridge.web.app import build_app, drain_calls
 from callbridge.web.services import SERVICES, Services, redact_url
 from dia2 import Dia2
 
-from .test_service import ACCOUNT, API, AUTH, PUBLIC, WAIT_S, free_port, settings_for, until
+from .test_service import ACCOUNT, API, AUTH, PUBLIC, WAIT_S, settings_for, until
 
 BAD_TOKEN = 10**6  # outside any text vocabulary: the embedding lookup of its step raises
 HEALTHY_TEXT = "One moment please, I am checking that for you."
@@ -91,7 +92,7 @@ class Service:
 async def running(tiny_runtime: Dia2, tmp: Path, **sections: dict[str, Any]) -> AsyncIterator[Service]:
     rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
     rest_url = await rest.start()
-    port = free_port()
+    port = free_tcp_port()
     app = build_app(settings_for(port, tmp, rest_url, **sections), runtime=tiny_runtime)
     runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()
@@ -696,7 +697,6 @@ def test_redact_url() -> None:
         '"GET /ws/stream_tts?format=x&token=[redacted] HTTP/1.1"')
     assert redact_url("GET /twilio/stream/abc-DEF_1 HTTP/1.1") == "GET /twilio/stream/[redacted] HTTP/1.1"
     assert redact_url("GET /calls?tokens=1") == "GET /calls?tokens=1"
-
 
 
 # ------------------------------------------------------------------ the call core behind the Twilio leg

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from callbridge.sim import FakeTwilioRest, simulate_call
+from callbridge.sim.ports import free_tcp_port
 from callbridge.tts import TtsError, TurnFailed, WorkerState
 from callbridge.web.app import build_app
 from dia2 import DeviceLost, Dia2, GenerationConfig
@@ -30,7 +31,7 @@ from .test_hardening import (
     sid,
     until,
 )
-from .test_service import ACCOUNT, AUTH, free_port, settings_for
+from .test_service import ACCOUNT, AUTH, settings_for
 from .test_worker_faults import WAIT_S, Faults, States
 
 pytestmark = pytest.mark.timeout(240)
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.timeout(240)
 async def running(tiny_runtime: Dia2, tmp: Path, faults: Faults, **build: Any) -> AsyncIterator[Service]:
     rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
     rest_url = await rest.start()
-    port = free_port()
+    port = free_tcp_port()
     app = build_app(settings_for(port, tmp, rest_url), runtime=tiny_runtime, runner_factory=faults.factory, **build)
     runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from callbridge.config import Settings
 from callbridge.sim import FakeTwilioRest, SimConfig, run_simulation, simulate_call
+from callbridge.sim.ports import free_tcp_port
 from callbridge.transports.twilio import compute_signature
 from callbridge.web.app import build_app
 from callbridge.web.services import SERVICES
@@ -37,12 +37,6 @@ async def until(ready: Callable[[], bool], what: str, timeout_s: float = WAIT_S)
         while not ready():
             await asyncio.sleep(0.02)
     assert ready(), what
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -85,7 +79,7 @@ def settings_for(port: int, tmp: Path, rest_url: str, **sections: dict[str, obje
 async def running(tiny_runtime: Dia2, tmp: Path, **sections: dict[str, object]) -> AsyncIterator[Service]:
     rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
     rest_url = await rest.start()
-    port = free_port()
+    port = free_tcp_port()
     app = build_app(settings_for(port, tmp, rest_url, **sections), runtime=tiny_runtime)
     runner = web.AppRunner(app)
     await runner.setup()

@@ -13,43 +13,13 @@ import contextlib
 import itertools
 import json
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
+from callbridge.sim.ports import free_tcp_port, free_udp_port, free_udp_range
+
 BARESIP = shutil.which("baresip")
 MODULES = Path("/usr/lib/baresip/modules")
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_range(size: int = 20) -> tuple[int, int]:
-    """An even-aligned range of UDP ports that are free right now (probed, then released)."""
-    for _ in range(50):
-        low = free_udp_port() & ~1
-        socks = []
-        try:
-            for port in range(low, low + size):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return low, low + size - 1
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free UDP port range on 127.0.0.1")
 
 
 class Baresip:
@@ -60,7 +30,7 @@ class Baresip:
         self.record_dir = folder / "heard"
         self.sip_port = free_udp_port()
         self.ctrl_port = free_tcp_port()
-        self.rtp_ports = free_port_range(20)
+        self.rtp_ports = free_udp_range(20)
         self.caller_wav = caller_wav
         self.auth = auth
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

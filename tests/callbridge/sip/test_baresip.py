@@ -20,11 +20,12 @@ import soundfile as sf
 
 from callbridge.audio import CHUNK_BYTES, pcm16_to_ulaw
 from callbridge.calls.leg import CallerAudio, CallerDigit, LegEnded, LegEvent, MarkerPlayed
+from callbridge.sim.ports import free_udp_range
 from callbridge.transports.sip import AllowList, CallEnded, CallOffered, DigestAuth, MediaUpdated
 from callbridge.transports.sip.endpoint import Accept, Reject, SipServer
 from callbridge.transports.sip.leg import SipLeg
 
-from .baresip import BARESIP, Baresip, free_port_range
+from .baresip import BARESIP, Baresip
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(BARESIP is None, reason="baresip is not installed")]
 
@@ -121,7 +122,7 @@ class Observed:
 async def sip_server(router: Router, *, allow: str = "127.0.0.1/32",
                      digest: DigestAuth | None = None) -> AsyncIterator[SipServer]:
     server = SipServer(listen=("127.0.0.1", 0), public_address="127.0.0.1", router=router,
-                       allow=AllowList.of(allow), rtp_ports=free_port_range(10), digest=digest,
+                       allow=AllowList.of(allow), rtp_ports=free_udp_range(10), digest=digest,
                        media_timeout_s=10.0)
     await server.start()
     try:

@@ -11,13 +11,13 @@ from typing import Any
 from sipmessage import Message, Request, Response
 
 from callbridge.calls.leg import CallerAudio, LegEnded, LegEvent
+from callbridge.sim.ports import free_udp_range
 from callbridge.transports.sip import AllowList, CallEnded, CallOffered
 from callbridge.transports.sip.endpoint import Accept, Reject, SipServer
 from callbridge.transports.sip.leg import SipLeg
 from callbridge.transports.sip.rtp import build_packet, parse_packet
 
 from . import sipmsg
-from .baresip import free_port_range
 
 
 class Peer(asyncio.DatagramProtocol):
@@ -94,7 +94,7 @@ class Router:
 @contextlib.asynccontextmanager
 async def server(router: Router, **kw: Any) -> AsyncIterator[SipServer]:
     srv = SipServer(listen=("127.0.0.1", 0), public_address="127.0.0.1", router=router,
-                    allow=AllowList.of("127.0.0.1/32"), rtp_ports=free_port_range(6), **kw)
+                    allow=AllowList.of("127.0.0.1/32"), rtp_ports=free_udp_range(6), **kw)
     await srv.start()
     try:
         yield srv

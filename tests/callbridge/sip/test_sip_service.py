@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from aiohttp import web
 
 from callbridge.calls.agent import AgentReply
 from callbridge.config import Settings
+from callbridge.sim.ports import free_tcp_port, free_udp_range
 from callbridge.speech.wer import wer
 from callbridge.web.app import build_app
 from callbridge.web.services import SERVICES
@@ -27,7 +27,7 @@ from dia2 import Dia2, synthetic_speechlike
 
 from ..speech.samples import fixture_meta, fixture_pcm
 from ..test_worker_faults import WAIT_S, Faults
-from .baresip import BARESIP, Baresip, free_port_range
+from .baresip import BARESIP, Baresip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),
               pytest.mark.skipif(BARESIP is None, reason="baresip is not installed")]
@@ -63,19 +63,13 @@ class RecordingAgent:
         pass
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def service(tiny_runtime: Dia2, tmp: Path, agent: Any, *, speech: dict[str, Any] | None = None,
                   build: dict[str, Any] | None = None, app_ws: dict[str, Any] | None = None,
                   numbers: dict[str, Any] | None = None, **calls: object) -> AsyncIterator[Any]:
     """The whole service with SIP on; ``speech``: [speech] keys; ``build``: build_app options;
     ``app_ws``: [app] keys (the app connection); ``numbers``: [sip.numbers] tables."""
-    low, high = free_port_range(10)
+    low, high = free_udp_range(10)
     port = free_tcp_port()
     settings = Settings().with_(
         server={"host": "127.0.0.1", "port": port, "shutdown_timeout_s": 1.0},

