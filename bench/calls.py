@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import git_commit, model_folder
+from common import git_commit, model_folder, write_json
 
 from callbridge.config import Settings
 from callbridge.sim import CallReport, SimConfig, run_simulation, summarize_reports
@@ -403,9 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     held = f"{result.held}" + ("" if result.failed is None else f" (fails at {result.failed})")
     print(f"max_realtime_calls: {held}; sweep {result.stopped_by}; {report['wall_s']:.0f} s in all")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     return report
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import git_commit, model_folder
+from common import git_commit, model_folder, write_json
 
 from callbridge.sim.ports import free_tcp_port
 
@@ -228,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(10)
     print_table(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -6,6 +6,7 @@ they import this module as ``common``.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -49,3 +50,10 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def write_json(path: Path, report: object) -> None:
+    """Write a benchmark's report as indented JSON (creating the folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -53,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import git_commit, model_folder
+from common import git_commit, model_folder, write_json
 
 from callbridge.audio import OutboundAudio
 from callbridge.audio.pacing import Pacer
@@ -519,9 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"restored {'on' if report['cuda_graphs']['restored'] else 'off'}, naive {report['naive_eager']}")
     print_table(report["results"])
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
     if args.png:
         samples = [TurnSample(**s) for s in report["samples"]]
         print(f"wrote {args.png}" if write_png(args.png, samples) else "no PNG: matplotlib is not installed")

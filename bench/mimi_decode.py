@@ -9,7 +9,6 @@ through ``MimiCodec.load``, so no download is needed. Real time needs < 80 ms pe
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import write_json
 
 from dia2.codec import MimiCodec, MimiStreamDecoder
 from dia2.random_mimi import write_random_mimi
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = " ".join(f"{r['stream_ms_per_frame'][str(n)]:>10.2f}" for n in FRAMES_PER_CALL)
         print(f"{size:<5} {r['oneshot_ms_per_frame']:>9.2f} {cells} {r['stream_convtr_module_ms_per_frame_1']:>13.2f}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import struct
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
-from common import git_commit  # noqa: E402
+from common import git_commit, write_json  # noqa: E402
 
 from callbridge.calls.agent import AgentReply  # noqa: E402
 from callbridge.config import Settings  # noqa: E402
@@ -216,8 +215,7 @@ def main() -> None:
         server = result[carrier]["server_ttfa_ms"]
         print(f"{carrier:6s}: server-side time to first audio p50 {server.get('p50', float('nan')):.0f} ms, "
               f"max {server.get('max', float('nan')):.0f} ms")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"bench": "sip_first_audio", "commit": git_commit(), **result}, indent=2) + "\n")
+    write_json(args.json, {"bench": "sip_first_audio", "commit": git_commit(), **result})
 
 
 if __name__ == "__main__":

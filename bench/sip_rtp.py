@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import struct
 import sys
@@ -31,6 +30,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import git_commit, write_json  # noqa: E402
 
 from callbridge.calls.leg import LegEvent  # noqa: E402
 from callbridge.sim.ports import free_udp_range  # noqa: E402
@@ -177,14 +178,7 @@ def main() -> None:
               f"p99 {r['send_jitter_ms']['p99']:.2f} ms, max {r['send_jitter_ms']['max']:.2f} ms; "
               f"interval p1/p50/p99 {r['interval_ms']['p1']:.1f}/{r['interval_ms']['p50']:.1f}/"
               f"{r['interval_ms']['p99']:.1f} ms; lost {r['lost']}; CPU {r['cpu_ms_per_call_s']:.2f} ms per call-second")
-    try:
-        import subprocess
-
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"bench": "sip_rtp", "commit": commit, "results": results}, indent=2) + "\n")
+    write_json(args.json, {"bench": "sip_rtp", "commit": git_commit(), "results": results})
 
 
 if __name__ == "__main__":

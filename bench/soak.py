@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import model_folder
+from common import model_folder, write_json
 
 from callbridge.sim.ports import free_tcp_port
 
@@ -365,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = asyncio.run(_run(args))
     _print(summary, time.monotonic() - started)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
     return 0 if summary.get("ok") else 1
 
 

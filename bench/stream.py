@@ -17,7 +17,6 @@ device is synchronised before every clock read.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import make_clock, model_folder
+from common import make_clock, model_folder, write_json
 
 from dia2 import Dia2, GenerationConfig, PromptClip, VoicePrompt
 from dia2.audio_io import synthetic_speechlike
@@ -177,8 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("prepare = snapshot restore (restored) or prompt prefill + decoder priming (naive); "
           "TTFA = text known → first 24 kHz frame; real time needs 12.5 steps/s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return report
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import ROOT, git_commit
+from common import ROOT, git_commit, write_json
 
 from callbridge.audio import ulaw_to_pcm16
 from callbridge.calls.leg import CallerAudio
@@ -254,8 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = asyncio.run(bench(args))
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return report
 
 
