@@ -354,7 +354,7 @@ class StepEngine:
 
     def _slot_cache_view(self, slot: int) -> KVCache:
         b = self.buffers.decoder
-        return KVCache(k=[k[2 * slot : 2 * slot + 2] for k in b.k], v=[v[2 * slot : 2 * slot + 2] for v in b.v])
+        return b.row_range(2 * slot, 2 * slot + 2)
 
     # ------------------------------------------------------------------ device steps
 

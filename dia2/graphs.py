@@ -384,6 +384,10 @@ class DeviceStep:
         # Views of this bucket's rows, made once: the step slices nothing per layer.
         self.decoder = buffers.decoder.first_rows(2 * n)
         self.depformer = buffers.depformer.first_rows(2 * n)
+        # Where the layers write their GEMM outputs, and the depformer's per-(layer, stage) cache
+        # slots: allocated once per bucket (static addresses under graphs), no view made per step.
+        self.decoder_ws = model.transformer.workspace(2 * n)
+        self.depformer_ws = model.depformer.workspace(self.depformer)
         # Every random-number slot of a step (action, cb0, the S stages), drawn in one call.
         self.rng_slots = torch.arange(2 + cfg.num_stages, device=dev)
         self.pair_rows = torch.arange(n, device=dev).repeat_interleave(2)  # [2n]: row 2i and 2i+1 read slot i
@@ -494,7 +498,7 @@ class DeviceStep:
         tokens = torch.cat([text, _interleave(audio_in, audio_in)], dim=1)  # [2n, C]
 
         out = model.transformer(tokens[:, :, None], _interleave(positions, positions), self.decoder,
-                                slots=attend_slots)
+                                slots=attend_slots, ws=self.decoder_ws)
         action_logits, cb0_logits = out.action_logits[:, 0], out.cb0_logits[:, 0]  # [2n, Vx], [2n, Va]
         guided = cfg_filter_cut(action_logits[0::2], action_logits[1::2],
                                 cfg_cut(scale, cfg_k, action_logits.shape[-1], self.max_top_k))
@@ -566,7 +570,7 @@ class DeviceStep:
         tokens: list[torch.Tensor] = []
         for stage in range(self.num_stages):
             logits = dep.stage(stage, hidden, prev[self.pair_rows], self.depformer, text=text,
-                               projected=projected)  # [2n, V']; both CFG rows are fed the slot's code
+                               projected=projected, ws=self.depformer_ws)  # [2n, V']; both CFG rows are fed the slot's code
             pair = logits.view(n, 2, -1)
             guided = cfg_filter_cut(pair[:, 0], pair[:, 1], cfg)
             tok = sample_with(guided, cut, uniforms[stage_slot(stage)])

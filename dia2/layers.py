@@ -53,6 +53,21 @@ _ACT = {
 }
 
 
+@dataclass(frozen=True)
+class MLPWorkspace:
+    """Where a :class:`GatedMLP` writes its first GEMM for a fixed number of rows: ``hidden``
+    [rows, 2F] and its ``gate`` and ``up`` halves (views, made once)."""
+
+    hidden: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, width: int) -> MLPWorkspace:
+        gate, up = hidden.split(width, dim=-1)
+        return cls(hidden, gate, up)
+
+
 class GatedMLP(nn.Module):
     """out = wo(act0(gate) * act1(up)) where ``wi`` rows [0, F) are the gate, [F, 2F) the up branch."""
 
@@ -63,14 +78,27 @@ class GatedMLP(nn.Module):
         self.act1 = _ACT[activations[1]]
         self.wi = nn.Linear(dim, 2 * hidden, bias=False)
         self.wo = nn.Linear(hidden, dim, bias=False)
+        self.wi_t, self.wo_t = self.transposed_weights()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.wi(x).split(self.hidden, dim=-1)
-        if self.act0 is not None:
-            gate = self.act0(gate)
-        if self.act1 is not None:
-            up = self.act1(up)
-        return self.wo(gate * up)
+    def transposed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``wi`` and ``wo`` as [in, out] views (no copy) for ``mm``/``addmm_``, made once (rebuilt
+        by :meth:`dia2.model.Dia2Model.rebuild_rotary_tables`): no transpose per call."""
+        return self.wi.weight.t(), self.wo.weight.t()
+
+    def workspace(self, rows: int) -> MLPWorkspace:
+        w = self.wi.weight
+        return MLPWorkspace.of(torch.empty((rows, 2 * self.hidden), device=w.device, dtype=w.dtype), self.hidden)
+
+    def add_to(self, z: torch.Tensor, x: torch.Tensor, ws: MLPWorkspace | None = None) -> None:
+        """z += wo(…) of x, both [rows, dim], in place: the residual add is the ``wo`` GEMM's own
+        accumulation (``addmm_``). ``ws``: where the first GEMM writes (else a new tensor)."""
+        if ws is None:
+            ws = MLPWorkspace.of(torch.mm(x, self.wi_t), self.hidden)
+        else:
+            torch.mm(x, self.wi_t, out=ws.hidden)
+        gate = ws.gate if self.act0 is None else self.act0(ws.gate)
+        up = ws.up if self.act1 is None else self.act1(ws.up)
+        z.addmm_(gate * up, self.wo_t)
 
 
 class RotaryTable(nn.Module):
@@ -113,40 +141,49 @@ class Rope:
         return rotate(x, self.cos, self.sin)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x·cos + roll(x, D/2)·sin in three ops (the second product and the sum as one ``addcmul``),
     into ``out`` if given (a view the caller wants filled in place; it must not overlap x).
-    ``cos``/``sin`` may carry a per-element weight folded in (see :class:`dia2.model.StageTables`)."""
-    rolled = x.roll(x.shape[-1] // 2, dims=-1)
-    if out is None:
-        return torch.addcmul(x * cos, rolled, sin)
-    return torch.addcmul(x * cos, rolled, sin, out=out)
+    ``cos``/``sin`` may carry a per-element weight folded in (see :class:`dia2.model.StageTables`);
+    ``sin`` None: no rotation, only x·cos (a norm weight without RoPE)."""
+    direct = None if torch.compiler.is_compiling() else out
+    if sin is None:
+        value = torch.mul(x, cos, out=direct)
+    else:
+        value = torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin, out=direct)
+    if out is not None and direct is None:  # Dynamo refuses a strided out=: the compiled graph fuses this copy
+        out.copy_(value)
+    return value
 
 
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q [B, T, Hq, D] → [B, Hkv, G·T, D] (G = Hq / Hkv), the layout :func:`attend` reads.
+
+    Query head h reads KV head h // G. The G heads of a group and the T query positions are
+    folded into the query length, so no kernel ever expands K/V to Hq heads and fused kernels
+    (which refuse ``enable_gqa`` with a mask) can run. At T == 1 this is a view (no copy)."""
+    B, T, Hq, D = q.shape
+    G = Hq // kv_heads
+    if T == 1:
+        return q.view(B, kv_heads, G, D)  # head h = kv·G + j → [B, kv, j, D]
+    return q.view(B, T, kv_heads, G, D).permute(0, 2, 3, 1, 4).reshape(B, kv_heads, G * T, D)
+
+
+def attend(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
     """Scaled dot-product attention with scale 1.0 and grouped KV heads, as plain attention.
 
-    q [B, T, Hq, D]; caches [B, Hkv, S, D]; mask [B or 1, 1, T, S] additive (0 = attend, the
-    most negative finite value = masked) in the caches' dtype. Returns [B, T, Hq*D].
-
-    Query head h reads KV head h // G (G = Hq / Hkv). The G heads of a group and the T query
-    positions are folded into the query length: q → [B, Hkv, G·T, D] against the cache as it
-    is, so no kernel ever expands K/V to Hq heads and fused kernels (which refuse
-    ``enable_gqa`` with a mask) can run.
+    qg [B, Hkv, G·T, D] (:func:`group_queries`, T = ``steps``); caches [B, Hkv, S, D]; mask
+    [B or 1, 1, T, S] additive (0 = attend, the most negative finite value = masked) in the
+    caches' dtype. Returns [B·T, Hq·D] (rows in (b, t) order), the layout of the next GEMM.
     """
-    B, T, Hq, D = q.shape
-    Hkv = k_cache.shape[1]
-    G = Hq // Hkv
-    if T == 1:
-        qg = q.view(B, Hkv, G, D)  # head h = kv·G + j → [B, kv, j, D]; the mask broadcasts over j
-        m = mask
-    else:
-        qg = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
-        m = mask.repeat(1, 1, G, 1)  # [B, 1, G·T, S]: row j·T + t is query position t
+    B, Hkv, GT, D = qg.shape
+    T = steps
+    G = GT // T
+    m = mask if T == 1 else mask.repeat(1, 1, G, 1)  # [B, 1, G·T, S]: row j·T + t is query position t
     out = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=m, scale=1.0)  # [B, Hkv, G·T, D]
     if T == 1:
-        return out.view(B, 1, Hq * D)
-    return out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq * D)
+        return out.view(B, Hkv * G * D)
+    return out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, Hkv * G * D)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -16,14 +16,25 @@ import torch
 from torch import nn
 
 from .config import Dia2Config, TransformerConfig
-from .layers import GatedMLP, RMSNorm, Rope, RotaryTable, additive_mask, attend, rms_normalize, rotate
+from .layers import (
+    GatedMLP,
+    MLPWorkspace,
+    RMSNorm,
+    Rope,
+    RotaryTable,
+    additive_mask,
+    attend,
+    group_queries,
+    rms_normalize,
+    rotate,
+)
 
 
 @dataclass
 class KVCache:
     """Per-layer keys and values [rows, heads, slots, head_dim].
 
-    ``kv``, where present (the depformer's cache, :meth:`allocate_joint`): per layer one tensor
+    ``kv``, where present (:meth:`allocate_joint`, both caches of a model): per layer one tensor
     [rows, 2, heads, slots, head_dim] of which ``k[i]`` and ``v[i]`` are views, so a step writes
     a layer's key and value in one copy."""
 
@@ -48,10 +59,14 @@ class KVCache:
         kv = [torch.zeros((rows, 2, heads, slots, head_dim), device=device, dtype=dtype) for _ in range(layers)]
         return cls(k=[t[:, 0] for t in kv], v=[t[:, 1] for t in kv], kv=kv)
 
+    def row_range(self, start: int, stop: int) -> KVCache:
+        """Views of rows start…stop-1 (the same memory)."""
+        kv = [t[start:stop] for t in self.kv] if self.kv is not None else None
+        return KVCache(k=[t[start:stop] for t in self.k], v=[t[start:stop] for t in self.v], kv=kv)
+
     def first_rows(self, rows: int) -> KVCache:
         """Views of rows 0…rows-1 (the same memory)."""
-        kv = [t[:rows] for t in self.kv] if self.kv is not None else None
-        return KVCache(k=[t[:rows] for t in self.k], v=[t[:rows] for t in self.v], kv=kv)
+        return self.row_range(0, rows)
 
     @property
     def rows(self) -> int:
@@ -87,6 +102,30 @@ class TextEmbedding(nn.Module):
         return u + v * (second != pad_id).unsqueeze(-1).to(v.dtype)
 
 
+@dataclass(frozen=True)
+class QKV:
+    """Views of one decoder q/k/v GEMM output ``qkv`` [B·T, (Hq + 2·Hkv)·D] (rows in (b, t) order):
+    ``qk`` [B·T, Hq + Hkv, D] (normed and rotated in place), ``kv`` [B·T, 2, Hkv, D] (one write
+    into the joint cache) and ``q``: at T == 1 already grouped for :func:`attend` (a view,
+    :func:`group_queries`), else [B, T, Hq, D] (grouping it is a copy: made after the rotation)."""
+
+    qkv: torch.Tensor
+    qk: torch.Tensor
+    kv: torch.Tensor
+    q: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecoderWorkspace:
+    """Where a one-position step over a fixed number of rows writes its GEMM outputs, made once
+    (static addresses under CUDA graphs) and shared by every layer: the layers run one after
+    the other. ``rows`` indexes each row's cache row (for the KV write)."""
+
+    attn: QKV
+    mlp: MLPWorkspace
+    rows: torch.Tensor
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, eps: float) -> None:
         super().__init__()
@@ -98,45 +137,65 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
         self.eps = eps
-        self.qk_weight = self.qk_norm_weight()
-        self.qkv_weight = self.fuse_projections()
+        self.qkv_t, self.o_t = self.fuse_projections()
 
-    def fuse_projections(self) -> torch.Tensor:
-        """[(Hq + 2·Hkv)·D, E]: the q, k and v projection weights as one matrix, so one GEMM
-        serves all three. The three parameters become views of it (no second copy of the
-        weights); rebuilt by :meth:`Dia2Model.rebuild_rotary_tables` after loading or a dtype change."""
+    def fuse_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q, k and v projection weights as one matrix, so one GEMM serves all three, and
+        ``o_proj``'s; both transposed to [in, out] for ``mm``/``addmm_`` (views, made once). The
+        three parameters become views of the fused [(Hq + 2·Hkv)·D, E] matrix (no second copy of
+        the weights); rebuilt by :meth:`Dia2Model.rebuild_rotary_tables` after loading or a dtype change."""
         fused = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         parts = fused.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features])
         for proj, part in zip((self.q_proj, self.k_proj, self.v_proj), parts):
             proj.weight.data = part
-        return fused
+        return fused.t(), self.o_proj.weight.t()
 
     def qk_norm_weight(self) -> torch.Tensor:
         """[Hq + Hkv, D]: the q norm weight for each query head, then the k norm weight for each
-        KV head, so one norm serves both (rebuilt by :meth:`Dia2Model.rebuild_rotary_tables`)."""
+        KV head (folded into the step's RoPE tables, :meth:`TemporalTransformer.layer_tables`)."""
         return torch.cat([self.q_norm.weight.expand(self.heads, -1), self.k_norm.weight.expand(self.kv_heads, -1)])
 
-    def forward(
+    def views(self, qkv: torch.Tensor, batch: int, steps: int) -> QKV:
+        """The :class:`QKV` views of a GEMM output [B·T, (Hq + 2·Hkv)·D]."""
+        h, hkv, d = self.heads, self.kv_heads, self.head_dim
+        heads = qkv.view(batch * steps, h + 2 * hkv, d)
+        q = heads[:, :h].view(batch, steps, h, d)
+        return QKV(qkv, heads[:, : h + hkv], heads[:, h:].view(batch * steps, 2, hkv, d),
+                   group_queries(q, hkv) if steps == 1 else q)
+
+    def workspace(self, rows: int) -> QKV:
+        """Views of a new one-position GEMM output buffer for ``rows`` rows."""
+        w = self.qkv_t
+        return self.views(torch.empty((rows, w.shape[1]), device=w.device, dtype=w.dtype), rows, 1)
+
+    def add_to(
         self,
+        z: torch.Tensor,
         x: torch.Tensor,
-        rope: Rope,
+        steps: int,
+        tables: tuple[torch.Tensor, torch.Tensor],
         write: tuple[torch.Tensor, torch.Tensor],
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """x [B, T, E]; rope at the step's positions; ``write`` = (rows, positions) [B, T] index
-        tensors of the KV slots to write; caches [B, Hkv, S, D] (the S slots read); mask
-        [B, 1, T, S] additive."""
-        B, T, _ = x.shape
-        qkv = torch.nn.functional.linear(x, self.qkv_weight).view(B, T, self.heads + 2 * self.kv_heads, self.head_dim)
-        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)  # [B, T, Hq + Hkv, D], [B, T, Hkv, D]
-        qk = rope.apply(rms_normalize(qk, self.eps) * self.qk_weight)  # both norms and both rotations at once
-        q, k = qk.split([self.heads, self.kv_heads], dim=2)
-        # The KV slot of a step is its position: slot p holds position p for every row.
-        torch.ops.aten.index_put_(k_cache, [write[0], None, write[1]], k)
-        torch.ops.aten.index_put_(v_cache, [write[0], None, write[1]], v)
-        return self.o_proj(attend(q, k_cache, v_cache, mask))
+        ws: QKV | None = None,
+    ) -> None:
+        """z += o_proj(attention(x)) in place (the residual add is the GEMM's accumulation).
+
+        z, x [B·T, E] (x normed); ``tables`` this layer's (cos, sin) [B·T, Hq + Hkv, D] with the
+        q/k norm weights folded in; ``write`` = (rows, positions) [B·T] the cache slots to write;
+        ``cache`` = (kv [B, 2, Hkv, S, D], k, v [B, Hkv, S', D]: the S' slots read); mask
+        [B, 1, T, S'] additive. ``ws``: views of where the q/k/v GEMM writes (else a new tensor)."""
+        if ws is None:
+            ws = self.views(torch.mm(x, self.qkv_t), x.shape[0] // steps, steps)
+        else:
+            torch.mm(x, self.qkv_t, out=ws.qkv)
+        # Both norms and both rotations at once, written back over q and k: then k and v lie side
+        # by side and one index_put_ stores both (the KV slot of a step is its position).
+        rotate(rms_normalize(ws.qk, self.eps), *tables, out=ws.qk)
+        kv_cache, k_cache, v_cache = cache
+        torch.ops.aten.index_put_(kv_cache, [write[0], None, None, write[1]], ws.kv)
+        q = ws.q if steps == 1 else group_queries(ws.q, self.kv_heads)
+        z.addmm_(attend(q, k_cache, v_cache, mask, steps), self.o_t)
 
 
 class DecoderLayer(nn.Module):
@@ -147,9 +206,10 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = GatedMLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
 
-    def forward(self, x, rope, write, k_cache, v_cache, mask):  # type: ignore[no-untyped-def]
-        x = x + self.attn(self.pre_norm(x), rope, write, k_cache, v_cache, mask)
-        return x + self.mlp(self.post_norm(x))
+    def add_to(self, x, steps, tables, write, cache, mask, ws=None):  # type: ignore[no-untyped-def]
+        """The layer on the hidden state x [B·T, E], in place (see :meth:`DecoderAttention.add_to`)."""
+        self.attn.add_to(x, self.pre_norm(x), steps, tables, write, cache, mask, ws.attn if ws else None)
+        self.mlp.add_to(x, self.post_norm(x), ws.mlp if ws else None)
 
 
 class TemporalTransformer(nn.Module):
@@ -174,6 +234,7 @@ class TemporalTransformer(nn.Module):
             config.model.rope_max_timescale,
         )
         self.audio_table, self.audio_offsets = self.fuse_audio_embeds()
+        self.rope_cos, self.rope_sin, self.qk_cos, self.qk_sin = self.build_tables()
 
     def fuse_audio_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K codebook tables as one [K·V, E] table (the K parameters become views of it) and
@@ -185,36 +246,97 @@ class TemporalTransformer(nn.Module):
         rows = torch.tensor([0] + [t.shape[0] for t in tables[:-1]], device=fused.device).cumsum(0)
         return fused, rows[:, None]
 
+    def build_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Derived tensors in the compute dtype (rebuilt by :meth:`Dia2Model.rebuild_rotary_tables`):
+        the RoPE tables [N, 1, D] and every layer's q/k norm weights w stacked [L, 1, Hq + Hkv, D]
+        as ``w`` (the cos side) and ``roll(w, D/2)`` (the sin side): RoPE(n·w) = n·(w·cos) +
+        roll(n)·(roll(w)·sin), so the weights ride in the step's tables (:meth:`layer_tables`)."""
+        dtype = self.norm.weight.dtype
+        w = torch.stack([layer.attn.qk_norm_weight() for layer in self.layers])[:, None]
+        cos, sin = self.rope.cos.to(dtype)[:, None], self.rope.sin.to(dtype)[:, None]
+        return cos, sin, w, w.roll(w.shape[-1] // 2, dims=-1)
+
+    def layer_tables(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """positions [R] → per layer the (cos, sin) tables [R, Hq + Hkv, D] with that layer's q/k
+        norm weights folded in: six ops per step for every layer, none per layer."""
+        cos = (self.rope_cos[positions] * self.qk_cos).unbind(0)
+        sin = (self.rope_sin[positions] * self.qk_sin).unbind(0)
+        return cos, sin
+
+    def workspace(self, rows: int) -> DecoderWorkspace:
+        """GEMM outputs of a one-position step over ``rows`` rows, made once (see :class:`DecoderWorkspace`)."""
+        layer = self.layers[0]
+        rows_ids = torch.arange(rows, device=self.norm.weight.device)
+        return DecoderWorkspace(layer.attn.workspace(rows), layer.mlp.workspace(rows), rows_ids)
+
     def forward(
-        self, tokens: torch.Tensor, start: torch.Tensor, cache: KVCache, slots: int | None = None
+        self,
+        tokens: torch.Tensor,
+        start: torch.Tensor,
+        cache: KVCache,
+        slots: int | None = None,
+        ws: DecoderWorkspace | None = None,
     ) -> StepOutput:
         """tokens [B, C, T] int64 (rows 0…B-1 of ``cache``); start [B] int64 = position of tokens[..., 0].
 
         ``slots`` limits attention to the first slots of the cache (every position < slots);
         None reads all of them (fixed shape, as a captured graph needs). Everything that depends
         only on the positions (RoPE tables, KV write indices, the mask) is built once here and
-        shared by every layer.
+        shared by every layer. ``ws``: a :meth:`workspace` for B rows, only when T == 1 (a step);
+        the layers then write into it instead of new tensors.
         """
         B, _, T = tokens.shape
+        if cache.kv is None:
+            raise ValueError("the decoder needs a joint cache: use Dia2Model.allocate_decoder_cache")
+        if ws is not None and (T != 1 or ws.rows.shape[0] != B):
+            raise ValueError(f"a decoder workspace serves one position of {ws.rows.shape[0]} rows, got {B}×{T}")
         positions = start[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
         x = self.text_embed(tokens[:, 0], tokens[:, 1], self.text_pad_id)
         dtype = self.norm.weight.dtype
         # Every codebook in one lookup, summed in one reduction (the reference adds them one by
         # one, rounding after each add: in bf16 this is within its last bit, dia2-format.md §3.2).
         audio = torch.nn.functional.embedding(tokens[:, 2:] + self.audio_offsets, self.audio_table)  # [B, K, T, E]
-        x = x.to(dtype) + audio.sum(dim=1)
+        x = x.to(dtype) + audio.sum(dim=1)  # [B, T, E]: the layers update it in place through a 2-D view
         n_slots = slots if slots is not None else cache.slots
         slot_ids = torch.arange(n_slots, device=tokens.device)
         mask = additive_mask((slot_ids[None, None, :] <= positions[:, :, None]).unsqueeze(1), dtype)  # [B, 1, T, S]
-        rope = self.rope.at(positions, dtype)
-        write = (torch.arange(B, device=tokens.device)[:, None].expand(B, T), positions)
+        flat = positions.view(B * T)
+        cos, sin = self.layer_tables(flat)
+        rows = ws.rows if ws is not None else torch.arange(B, device=tokens.device).repeat_interleave(T)
         full = n_slots == cache.slots and cache.rows == B
+        h = x.view(B * T, -1)
         for i, layer in enumerate(self.layers):
-            k, v = (cache.k[i], cache.v[i]) if full else (cache.k[i][:B, :, :n_slots], cache.v[i][:B, :, :n_slots])
-            x = layer(x, rope, write, k, v, mask)
+            kv, k, v = cache.kv[i], cache.k[i], cache.v[i]
+            if not full:
+                kv, k, v = kv[:B], k[:B, :, :n_slots], v[:B, :, :n_slots]
+            layer.add_to(h, T, (cos[i], sin[i]), (rows, flat), (kv, k, v), mask, ws)
         h = self.norm(x)
         h32 = h.float()  # the heads run in float32 (dia2-format.md §3.7)
         return StepOutput(action_logits=self.action_head(h32), cb0_logits=self.cb0_head(h32), hidden=h)
+
+
+@dataclass(frozen=True)
+class DepformerViews:
+    """Views of one depformer in_proj GEMM output ``qkv`` [B, 3·h·dh]: ``qk`` [B, 2, h, 1, dh]
+    (normed and rotated in place), ``kv`` [B, 2, h, 1, dh] (one copy into the cache) and ``q``
+    [B, h, 1, dh], already SDPA's layout."""
+
+    qkv: torch.Tensor
+    qk: torch.Tensor
+    kv: torch.Tensor
+    q: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DepformerWorkspace:
+    """Where a step's stages over a fixed set of cache rows write their GEMM outputs, and the
+    cache slot of every (layer, stage) as a view of that cache, all made once (static addresses
+    under CUDA graphs; no slicing per stage). Layers and stages run one after the other."""
+
+    attn: DepformerViews
+    mlp: MLPWorkspace
+    cache: KVCache
+    slots: tuple[tuple[torch.Tensor, ...], ...]  # [layer][stage]: kv[layer].narrow(3, stage, 1)
 
 
 class DepformerAttention(nn.Module):
@@ -227,45 +349,56 @@ class DepformerAttention(nn.Module):
         self.out_proj = nn.ModuleDict({str(w): nn.Linear(width, cfg.n_embd, bias=False) for w in weight_ids})
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        self.in_t, self.out_t = self.transposed_weights()
+
+    def transposed_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Every weight set's in_proj and out_proj as [in, out] views for ``mm``/``addmm_``, by id,
+        made once (rebuilt with :meth:`Depformer.build_tables`)."""
+        return ({w: p.weight.t() for w, p in self.in_proj.items()}, {w: p.weight.t() for w, p in self.out_proj.items()})
 
     def qk_norm_weight(self) -> torch.Tensor:
         """[2, 1, 1, dh]: the q and k norm weights side by side (broadcast over heads and the one
         query position), so one norm serves both."""
         return torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None, None, :]
 
-    def forward(
+    def views(self, qkv: torch.Tensor) -> DepformerViews:
+        """The :class:`DepformerViews` of an in_proj output [B, 3·h·dh]."""
+        heads = qkv.view(qkv.shape[0], 3, self.heads, 1, self.head_dim)  # [B, (q, k, v), h, 1, dh]
+        return DepformerViews(qkv, heads[:, :2], heads[:, 1:], heads[:, 0])
+
+    def workspace(self, rows: int) -> DepformerViews:
+        w = next(iter(self.in_t.values()))
+        return self.views(torch.empty((rows, w.shape[1]), device=w.device, dtype=w.dtype))
+
+    def add_to(
         self,
+        z: torch.Tensor,
         x: torch.Tensor,
-        stage: int,
         weight_id: str,
         mask: torch.Tensor,
         qk_tables: tuple[torch.Tensor, torch.Tensor | None],
-        kv_cache: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """x [B, e]; ``kv_cache`` [B, 2, h, S, dh] with its halves ``k_cache``, ``v_cache`` [B, h, S, dh]
-        (:meth:`KVCache.allocate_joint`); ``qk_tables`` this layer's (cos, sin) at the stage with
-        the q/k norm weights folded in (:class:`StageTables`; sin None without RoPE). Stage s
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        ws: DepformerViews | None = None,
+    ) -> None:
+        """z += out_proj(attention(x)) in place (the residual add is the GEMM's accumulation).
+
+        z, x [B, e] (x normed); ``qk_tables`` this layer's (cos, sin) at the stage with the q/k
+        norm weights folded in (:class:`StageTables`; sin None without RoPE); ``cache`` = (the
+        stage's slot [B, 2, h, 1, dh] of the joint cache, its halves k, v [B, h, S, dh]). Stage s
         attends over the stages 0…s of this frame through the stage's additive mask over all S
         slots, so all 31 stages have one shape: one kernel choice (one cuDNN plan) for all."""
         B = x.shape[0]
-        # [B, (q, k, v), h, 1, dh]: q = qkv[:, 0] is already SDPA's [B, h, 1, dh]
-        qkv = self.in_proj[weight_id](x).view(B, 3, self.heads, 1, self.head_dim)
-        qk = qkv[:, :2]
-        normed = rms_normalize(qk, self.eps)  # q and k normed at once
-        cos, sin = qk_tables
+        if ws is None:
+            ws = self.views(torch.mm(x, self.in_t[weight_id]))
+        else:
+            torch.mm(x, self.in_t[weight_id], out=ws.qkv)
         # Norm weights and RoPE together, written back over q and k: then k and v lie side by side
         # in qkv and one copy stores both in the cache.
-        if torch.compiler.is_compiling():  # Dynamo refuses a strided out=; the compiled graph fuses the copy
-            qk.copy_(normed * cos if sin is None else rotate(normed, cos, sin))
-        elif sin is None:
-            torch.mul(normed, cos, out=qk)
-        else:
-            rotate(normed, cos, sin, out=qk)
-        kv_cache.narrow(3, stage, 1).copy_(qkv[:, 1:])
-        out = torch.nn.functional.scaled_dot_product_attention(qkv[:, 0], k_cache, v_cache, attn_mask=mask, scale=1.0)
-        return self.out_proj[weight_id](out.view(B, self.heads * self.head_dim))
+        rotate(rms_normalize(ws.qk, self.eps), *qk_tables, out=ws.qk)
+        slot, k_cache, v_cache = cache
+        slot.copy_(ws.kv)
+        out = torch.nn.functional.scaled_dot_product_attention(ws.q, k_cache, v_cache, attn_mask=mask, scale=1.0)
+        z.addmm_(out.view(B, self.heads * self.head_dim), self.out_t[weight_id])
 
 
 @dataclass(frozen=True)
@@ -322,6 +455,16 @@ class Depformer(nn.Module):
         self.head_weights: list[torch.Tensor] = []
         self.build_tables()
 
+    def workspace(self, cache: KVCache) -> DepformerWorkspace:
+        """GEMM outputs and per-(layer, stage) cache slots for steps over ``cache``'s rows (a
+        :meth:`Dia2Model.allocate_depformer_cache` or rows of one), made once."""
+        if cache.kv is None:
+            raise ValueError("the depformer needs a joint cache: use Dia2Model.allocate_depformer_cache")
+        layer = self.layers[0]
+        slots = tuple(tuple(kv.narrow(3, s, 1) for s in range(len(self.audio_embeds))) for kv in cache.kv)
+        return DepformerWorkspace(layer.self_attention.workspace(cache.rows), layer.mlp.workspace(cache.rows),
+                                  cache, slots)
+
     def build_tables(self) -> None:
         """Derived tensors, built once (and again by :meth:`Dia2Model.rebuild_rotary_tables` after
         loading or a dtype change): per stage, :class:`StageTables`; per layer, the joint q/k
@@ -331,6 +474,9 @@ class Depformer(nn.Module):
         device = self.norm.weight.device
         slots = torch.arange(stages, device=device)
         self.qk_weights = [layer.self_attention.qk_norm_weight() for layer in self.layers]
+        for layer in self.layers:
+            layer.self_attention.in_t, layer.self_attention.out_t = layer.self_attention.transposed_weights()
+            layer.mlp.wi_t, layer.mlp.wo_t = layer.mlp.transposed_weights()
         # Each stage's head cut to the logit limit once (views): no slice of the logits per stage.
         self.head_weights = [head.weight[: self.logit_limit] for head in self.logits]
         self.stage_tables = []
@@ -353,11 +499,13 @@ class Depformer(nn.Module):
         cache: KVCache,
         text: tuple[torch.Tensor, torch.Tensor] | None = None,
         projected: dict[str, torch.Tensor] | None = None,
+        ws: DepformerWorkspace | None = None,
     ) -> torch.Tensor:
         """One stage. hidden [B, E] (decoder output), prev_token [B] (codebook ``stage`` of the column
         being predicted, cb0 for stage 0) → logits [B, V'] float32 for codebook stage+1, V' = logit limit.
         ``text`` (main, second) [B] is only used at stage 0 by checkpoints with a depformer text embedding.
         ``projected``: :meth:`project` of this ``hidden`` (a step computes it once for all stages).
+        ``ws``: a :meth:`workspace` of this ``cache`` (a step's; else views are made per call).
         The cache's slots > ``stage`` may hold anything finite (they are masked).
         """
         B = hidden.shape[0]
@@ -366,16 +514,21 @@ class Depformer(nn.Module):
         t = self.audio_embeds[stage](prev_token)
         if stage == 0 and self.text_embed is not None and text is not None:
             t = t + self.text_embed(text[0], text[1], self.text_pad_id)
-        z = (projected[w] if projected is not None else self.depformer_in[w](hidden)) + t  # [B, e]
-        if cache.kv is None:
-            raise ValueError("the depformer needs a joint cache: use Dia2Model.allocate_depformer_cache")
-        if cache.rows != B:
-            cache = cache.first_rows(B)
-        assert cache.kv is not None
+        z = (projected[w] if projected is not None else self.depformer_in[w](hidden)) + t  # [B, e], updated in place
+        if ws is None:
+            if cache.kv is None:
+                raise ValueError("the depformer needs a joint cache: use Dia2Model.allocate_depformer_cache")
+            if cache.rows != B:
+                cache = cache.first_rows(B)
+            assert cache.kv is not None
+            slots = [kv.narrow(3, stage, 1) for kv in cache.kv]
+        else:
+            cache, slots = ws.cache, [per_stage[stage] for per_stage in ws.slots]
         for i, layer in enumerate(self.layers):
-            z = z + layer.self_attention(layer.pre_norm(z), stage, w, tables.mask, tables.qk[i], cache.kv[i],
-                                         cache.k[i], cache.v[i])
-            z = z + layer.mlp(layer.post_norm(z))
+            attn = layer.self_attention
+            attn.add_to(z, layer.pre_norm(z), w, tables.mask, tables.qk[i], (slots[i], cache.k[i], cache.v[i]),
+                        ws.attn if ws else None)
+            layer.mlp.add_to(z, layer.post_norm(z), ws.mlp if ws else None)
         return torch.nn.functional.linear(self.norm(z).float(), self.head_weights[stage])
 
     def project(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -405,7 +558,7 @@ class Dia2Model(nn.Module):
 
     def allocate_decoder_cache(self, rows: int, slots: int | None = None) -> KVCache:
         dec = self.config.model.decoder
-        return KVCache.allocate(
+        return KVCache.allocate_joint(
             dec.n_layer,
             rows,
             dec.kv_heads,
@@ -432,8 +585,10 @@ class Dia2Model(nn.Module):
         self.transformer.rope = RotaryTable(dec.gqa_head_dim, cfg.runtime.max_context_steps, lo, hi).to(self.device)
         self.transformer.audio_table, self.transformer.audio_offsets = self.transformer.fuse_audio_embeds()
         for layer in self.transformer.layers:
-            layer.attn.qk_weight = layer.attn.qk_norm_weight()
-            layer.attn.qkv_weight = layer.attn.fuse_projections()
+            layer.attn.qkv_t, layer.attn.o_t = layer.attn.fuse_projections()
+            layer.mlp.wi_t, layer.mlp.wo_t = layer.mlp.transposed_weights()
+        tr = self.transformer
+        tr.rope_cos, tr.rope_sin, tr.qk_cos, tr.qk_sin = tr.build_tables()
         if self.depformer.rope is not None:
             n = max(cfg.runtime.max_context_steps, cfg.num_stages)
             self.depformer.rope = RotaryTable(dep.gqa_head_dim, n, lo, hi).to(self.device)

@@ -99,6 +99,16 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
             found[f"step{n}.staging"], found[f"step{n}.inputs"] = step.staging.data_ptr(), step.inputs.data_ptr()
             found[f"step{n}.edge_host"] = step.edge_host.data_ptr()
             found[f"step{n}.decoder.k0"] = step.decoder.k[0].data_ptr()
+            for part in ("qkv", "qk", "kv", "q"):
+                found[f"step{n}.decoder_ws.{part}"] = getattr(step.decoder_ws.attn, part).data_ptr()
+                found[f"step{n}.depformer_ws.{part}"] = getattr(step.depformer_ws.attn, part).data_ptr()
+            for part in ("hidden", "gate", "up"):
+                found[f"step{n}.decoder_ws.{part}"] = getattr(step.decoder_ws.mlp, part).data_ptr()
+                found[f"step{n}.depformer_ws.{part}"] = getattr(step.depformer_ws.mlp, part).data_ptr()
+            found[f"step{n}.decoder_ws.rows"] = step.decoder_ws.rows.data_ptr()
+            for i, per_stage in enumerate(step.depformer_ws.slots):
+                for s, slot in enumerate(per_stage):
+                    found[f"step{n}.depformer_ws.slot{i}.{s}"] = slot.data_ptr()
     model = engine.model
     found["rope.cos"] = model.transformer.rope.cos.data_ptr()
     found["audio_table"] = model.transformer.audio_table.data_ptr()
@@ -112,9 +122,12 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
                 found[f"stage{s}.qk{i}.sin"] = sin.data_ptr()
     for i, weight in enumerate(model.depformer.qk_weights):
         found[f"depformer.qk{i}"] = weight.data_ptr()
-    for i, layer in enumerate(model.transformer.layers):
-        found[f"decoder.qk{i}"] = layer.attn.qk_weight.data_ptr()
-        found[f"decoder.qkv{i}"] = layer.attn.qkv_weight.data_ptr()
+    tr = model.transformer
+    for name in ("rope_cos", "rope_sin", "qk_cos", "qk_sin"):
+        found[f"decoder.{name}"] = getattr(tr, name).data_ptr()
+    for i, layer in enumerate(tr.layers):
+        found[f"decoder.qkv{i}"] = layer.attn.qkv_t.data_ptr()
+        found[f"decoder.o{i}"] = layer.attn.o_t.data_ptr()
     return found
 
 

@@ -116,9 +116,19 @@ def test_fused_weights_are_views_of_the_parameters(tiny_runtime: Dia2) -> None:
     """No second copy of the weights, and a parameter loaded in place reaches the fused GEMM."""
     tr = tiny_runtime.model.transformer
     attn = tr.layers[0].attn
-    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
-    assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
-    assert torch.equal(attn.qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_t.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_t.untyped_storage().data_ptr()
+    assert torch.equal(attn.qkv_t.t(), torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    # The transposed weights the in-place GEMMs read are views too (no copy, no transpose per call).
+    dep = tiny_runtime.model.depformer
+    pairs = [(attn.o_t, attn.o_proj.weight), (tr.layers[0].mlp.wi_t, tr.layers[0].mlp.wi.weight),
+             (tr.layers[0].mlp.wo_t, tr.layers[0].mlp.wo.weight)]
+    for layer in dep.layers:
+        a = layer.self_attention
+        pairs += [(a.in_t[w], a.in_proj[w].weight) for w in a.in_proj] + [(a.out_t[w], a.out_proj[w].weight) for w in a.out_proj]
+        pairs += [(layer.mlp.wi_t, layer.mlp.wi.weight), (layer.mlp.wo_t, layer.mlp.wo.weight)]
+    for transposed, weight in pairs:
+        assert transposed.data_ptr() == weight.data_ptr() and torch.equal(transposed.t(), weight)
     last = tr.audio_embeds[-1].weight
     assert last.untyped_storage().data_ptr() == tr.audio_table.untyped_storage().data_ptr()
     assert torch.equal(tr.audio_table[-last.shape[0] :], last)
