@@ -554,7 +554,7 @@ class DeviceStep:
             nxt = nxt.clamp(0, self.text_vocab - 1)  # the host checked these ids; this only keeps an embedding safe
             # Both CFG rows get the conditional row's text (as the reference runtime does: its
             # stage-0 text tensors are filled with the state machine's output for every branch).
-            text = (_interleave(nxt[:, 0], nxt[:, 0]), _interleave(nxt[:, 1], nxt[:, 1]))
+            text = (nxt[:, 0], nxt[:, 1])  # one per CFG pair, as the codes
         # Each stage is teacher-forced from column t+1 as it now stands (the sampled code, or
         # the prompt's own code in the continuation zone). Clamp: rows of unlisted slots may
         # hold the ungenerated sentinel; their outputs are ignored.
@@ -565,11 +565,11 @@ class DeviceStep:
         fixed = column.clamp(min=0).unbind(1)  # K × [n]
         may_write = writable.unbind(1)
         prev = fixed[0]
-        projected = dep.project(hidden)  # depformer_in once per weight set, not once per stage
+        projected = dep.project(hidden, pairs=True)  # depformer_in once per weight set, not once per stage
         all_logits: list[torch.Tensor] = []
         tokens: list[torch.Tensor] = []
         for stage in range(self.num_stages):
-            logits = dep.stage(stage, hidden, prev[self.pair_rows], self.depformer, text=text,
+            logits = dep.stage(stage, hidden, prev, self.depformer, text=text,
                                projected=projected, ws=self.depformer_ws)  # [2n, V']; both CFG rows are fed the slot's code
             pair = logits.view(n, 2, -1)
             guided = cfg_filter_cut(pair[:, 0], pair[:, 1], cfg)

@@ -9,7 +9,10 @@ tiny kernels), so each block is written with as few dispatched operations as the
 allow: RMSNorm is PyTorch's fused op with the weight inside; the q and k norms of a layer
 run as one norm over both; RoPE reads tables gathered once per step (:class:`Rope`) and
 rotates with a roll and one ``addcmul`` instead of split/negate/concatenate; attention
-regroups the query heads over the KV heads and attends with an additive mask (:func:`attend`).
+regroups the query heads over the KV heads and attends with an additive mask (:func:`attend`);
+a residual add is the output GEMM's own accumulation (``addmm_`` on the 2-D hidden state,
+with the weights transposed once as views), and a step's GEMMs write into buffers made once
+per batch bucket (:class:`MLPWorkspace`; static addresses under CUDA graphs).
 Where this rounds differently from the reference's op-by-op bf16 order it is by the last bit
 (the fused forms round once where the reference rounds twice); in fp32 it is within 1e-6.
 """
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .workspace import MLPWorkspace
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,21 +56,6 @@ _ACT = {
     "relu": F.relu,
     "linear": None,  # identity: no op at all
 }
-
-
-@dataclass(frozen=True)
-class MLPWorkspace:
-    """Where a :class:`GatedMLP` writes its first GEMM for a fixed number of rows: ``hidden``
-    [rows, 2F] and its ``gate`` and ``up`` halves (views, made once)."""
-
-    hidden: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
-
-    @classmethod
-    def of(cls, hidden: torch.Tensor, width: int) -> MLPWorkspace:
-        gate, up = hidden.split(width, dim=-1)
-        return cls(hidden, gate, up)
 
 
 class GatedMLP(nn.Module):

@@ -18,7 +18,6 @@ from torch import nn
 from .config import Dia2Config, TransformerConfig
 from .layers import (
     GatedMLP,
-    MLPWorkspace,
     RMSNorm,
     Rope,
     RotaryTable,
@@ -28,6 +27,7 @@ from .layers import (
     rms_normalize,
     rotate,
 )
+from .workspace import QKV, DecoderWorkspace, DepformerViews, DepformerWorkspace
 
 
 @dataclass
@@ -100,30 +100,6 @@ class TextEmbedding(nn.Module):
         u = self.main_proj(self.embedding(main))
         v = self.second_proj(self.embedding(second))
         return u + v * (second != pad_id).unsqueeze(-1).to(v.dtype)
-
-
-@dataclass(frozen=True)
-class QKV:
-    """Views of one decoder q/k/v GEMM output ``qkv`` [B·T, (Hq + 2·Hkv)·D] (rows in (b, t) order):
-    ``qk`` [B·T, Hq + Hkv, D] (normed and rotated in place), ``kv`` [B·T, 2, Hkv, D] (one write
-    into the joint cache) and ``q``: at T == 1 already grouped for :func:`attend` (a view,
-    :func:`group_queries`), else [B, T, Hq, D] (grouping it is a copy: made after the rotation)."""
-
-    qkv: torch.Tensor
-    qk: torch.Tensor
-    kv: torch.Tensor
-    q: torch.Tensor
-
-
-@dataclass(frozen=True)
-class DecoderWorkspace:
-    """Where a one-position step over a fixed number of rows writes its GEMM outputs, made once
-    (static addresses under CUDA graphs) and shared by every layer: the layers run one after
-    the other. ``rows`` indexes each row's cache row (for the KV write)."""
-
-    attn: QKV
-    mlp: MLPWorkspace
-    rows: torch.Tensor
 
 
 class DecoderAttention(nn.Module):
@@ -315,30 +291,6 @@ class TemporalTransformer(nn.Module):
         return StepOutput(action_logits=self.action_head(h32), cb0_logits=self.cb0_head(h32), hidden=h)
 
 
-@dataclass(frozen=True)
-class DepformerViews:
-    """Views of one depformer in_proj GEMM output ``qkv`` [B, 3·h·dh]: ``qk`` [B, 2, h, 1, dh]
-    (normed and rotated in place), ``kv`` [B, 2, h, 1, dh] (one copy into the cache) and ``q``
-    [B, h, 1, dh], already SDPA's layout."""
-
-    qkv: torch.Tensor
-    qk: torch.Tensor
-    kv: torch.Tensor
-    q: torch.Tensor
-
-
-@dataclass(frozen=True)
-class DepformerWorkspace:
-    """Where a step's stages over a fixed set of cache rows write their GEMM outputs, and the
-    cache slot of every (layer, stage) as a view of that cache, all made once (static addresses
-    under CUDA graphs; no slicing per stage). Layers and stages run one after the other."""
-
-    attn: DepformerViews
-    mlp: MLPWorkspace
-    cache: KVCache
-    slots: tuple[tuple[torch.Tensor, ...], ...]  # [layer][stage]: kv[layer].narrow(3, stage, 1)
-
-
 class DepformerAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, eps: float, weight_ids: tuple[int, ...]) -> None:
         super().__init__()
@@ -453,6 +405,7 @@ class Depformer(nn.Module):
         self.stage_tables: list[StageTables] = []
         self.qk_weights: list[torch.Tensor] = []
         self.head_weights: list[torch.Tensor] = []
+        self.code_tables: list[torch.Tensor] = []
         self.build_tables()
 
     def workspace(self, cache: KVCache) -> DepformerWorkspace:
@@ -462,8 +415,10 @@ class Depformer(nn.Module):
             raise ValueError("the depformer needs a joint cache: use Dia2Model.allocate_depformer_cache")
         layer = self.layers[0]
         slots = tuple(tuple(kv.narrow(3, s, 1) for s in range(len(self.audio_embeds))) for kv in cache.kv)
+        w = self.norm.weight
+        z = torch.empty((cache.rows, w.shape[0]), device=w.device, dtype=w.dtype)
         return DepformerWorkspace(layer.self_attention.workspace(cache.rows), layer.mlp.workspace(cache.rows),
-                                  cache, slots)
+                                  tuple(cache.k), tuple(cache.v), slots, z, z.view(cache.rows // 2, 2, -1))
 
     def build_tables(self) -> None:
         """Derived tensors, built once (and again by :meth:`Dia2Model.rebuild_rotary_tables` after
@@ -477,6 +432,9 @@ class Depformer(nn.Module):
         for layer in self.layers:
             layer.self_attention.in_t, layer.self_attention.out_t = layer.self_attention.transposed_weights()
             layer.mlp.wi_t, layer.mlp.wo_t = layer.mlp.transposed_weights()
+        # Each stage's code embedding as [V, 1, e] (views): a lookup of one code per CFG pair
+        # comes out [B/2, 1, e], ready to broadcast over the pair's two rows.
+        self.code_tables = [embed.weight[:, None] for embed in self.audio_embeds]
         # Each stage's head cut to the logit limit once (views): no slice of the logits per stage.
         self.head_weights = [head.weight[: self.logit_limit] for head in self.logits]
         self.stage_tables = []
@@ -501,40 +459,55 @@ class Depformer(nn.Module):
         projected: dict[str, torch.Tensor] | None = None,
         ws: DepformerWorkspace | None = None,
     ) -> torch.Tensor:
-        """One stage. hidden [B, E] (decoder output), prev_token [B] (codebook ``stage`` of the column
-        being predicted, cb0 for stage 0) → logits [B, V'] float32 for codebook stage+1, V' = logit limit.
-        ``text`` (main, second) [B] is only used at stage 0 by checkpoints with a depformer text embedding.
-        ``projected``: :meth:`project` of this ``hidden`` (a step computes it once for all stages).
+        """One stage. hidden [B, E] (decoder output), prev_token (codebook ``stage`` of the column
+        being predicted, cb0 for stage 0): [B], one code per row, or [B/2], one per CFG pair (rows
+        2i and 2i+1 get code i, a step's case: no index per stage) → logits [B, V'] float32 for
+        codebook stage+1, V' = logit limit. ``text`` (main, second), in prev_token's form, is
+        only used at stage 0 by checkpoints with a depformer text embedding.
+        ``projected``: :meth:`project` of this ``hidden`` (a step computes it once for all stages;
+        with ``pairs=True`` for codes per pair).
         ``ws``: a :meth:`workspace` of this ``cache`` (a step's; else views are made per call).
         The cache's slots > ``stage`` may hold anything finite (they are masked).
         """
         B = hidden.shape[0]
         w = self.schedule[stage]
         tables = self.stage_tables[stage]
-        t = self.audio_embeds[stage](prev_token)
+        pairs = prev_token.shape[0] * 2 == B
+        if pairs:  # one code per CFG pair: looked up once, broadcast to both rows by the add
+            t = torch.index_select(self.code_tables[stage], 0, prev_token)  # [B/2, 1, e]
+        else:
+            t = self.audio_embeds[stage](prev_token)  # [B, e]
         if stage == 0 and self.text_embed is not None and text is not None:
-            t = t + self.text_embed(text[0], text[1], self.text_pad_id)
-        z = (projected[w] if projected is not None else self.depformer_in[w](hidden)) + t  # [B, e], updated in place
+            text_t = self.text_embed(text[0], text[1], self.text_pad_id)
+            t = t + (text_t[:, None] if pairs else text_t)
+        base = projected[w] if projected is not None else self.depformer_in[w](hidden)
+        if pairs and base.dim() == 2:
+            base = base.view(B // 2, 2, -1)
+        # z [B, e]: the residual every layer updates in place (the workspace's, when there is one)
         if ws is None:
             if cache.kv is None:
                 raise ValueError("the depformer needs a joint cache: use Dia2Model.allocate_depformer_cache")
             if cache.rows != B:
                 cache = cache.first_rows(B)
             assert cache.kv is not None
-            slots = [kv.narrow(3, stage, 1) for kv in cache.kv]
+            z = (base + t).view(B, -1)
+            slots, keys, values = [kv.narrow(3, stage, 1) for kv in cache.kv], cache.k, cache.v
         else:
-            cache, slots = ws.cache, [per_stage[stage] for per_stage in ws.slots]
+            torch.add(base, t, out=ws.z_pairs if pairs else ws.z)
+            z, slots, keys, values = ws.z, [per_stage[stage] for per_stage in ws.slots], ws.k, ws.v
         for i, layer in enumerate(self.layers):
             attn = layer.self_attention
-            attn.add_to(z, layer.pre_norm(z), w, tables.mask, tables.qk[i], (slots[i], cache.k[i], cache.v[i]),
+            attn.add_to(z, layer.pre_norm(z), w, tables.mask, tables.qk[i], (slots[i], keys[i], values[i]),
                         ws.attn if ws else None)
             layer.mlp.add_to(z, layer.post_norm(z), ws.mlp if ws else None)
         return torch.nn.functional.linear(self.norm(z).float(), self.head_weights[stage])
 
-    def project(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    def project(self, hidden: torch.Tensor, *, pairs: bool = False) -> dict[str, torch.Tensor]:
         """depformer_in of ``hidden`` [B, E] for each weight set, by id: the same for every stage
-        of a step that uses the set, so a step computes it once per set, not once per stage."""
-        return {w: proj(hidden) for w, proj in self.depformer_in.items()}
+        of a step that uses the set, so a step computes it once per set, not once per stage.
+        ``pairs``: each viewed [B/2, 2, e] (CFG pairs), what a stage fed one code per pair adds to."""
+        B = hidden.shape[0]
+        return {w: proj(hidden).view(B // 2, 2, -1) if pairs else proj(hidden) for w, proj in self.depformer_in.items()}
 
 
 class Dia2Model(nn.Module):
@@ -577,8 +550,9 @@ class Dia2Model(nn.Module):
     def rebuild_rotary_tables(self) -> None:
         """Recompute every derived tensor on the model's device in its compute dtype (after a
         meta-device build, loading or a dtype change): the non-persistent RoPE tables, the
-        depformer's per-stage tables, the joint q/k norm weights, and the fused weights (decoder
-        q/k/v projection, the audio embedding tables; the parameters become views of them)."""
+        depformer's per-stage tables, the q/k norm weights stacked for the RoPE tables, the
+        fused weights (decoder q/k/v projection, the audio embedding tables; the parameters
+        become views of them) and the transposed views the in-place GEMMs read."""
         cfg = self.config
         dec, dep = cfg.model.decoder, cfg.model.depformer
         lo, hi = cfg.model.rope_min_timescale, cfg.model.rope_max_timescale

@@ -74,6 +74,30 @@ def test_operation_counts_do_not_depend_on_the_batch(meta_2b: StepEngine) -> Non
     assert "aten.sort.default" not in one.full.by_name  # the CFG and top-k cut-offs use topk
 
 
+def test_a_step_s_decoder_layer_and_depformer_layer_dispatch_fifteen_ops_each(meta_2b: StepEngine) -> None:
+    """Per layer, with the bucket's workspace: pre-norm, q/k/v GEMM, q/k norm, RoPE (mul, roll,
+    addcmul into q/k), one KV write, SDPA, a view, o-proj GEMM with the residual add, post-norm,
+    wi GEMM, SiLU, product, wo GEMM with the residual add. A depformer stage adds the embedding
+    of its input code and its head (norm, float, GEMM)."""
+    step = meta_2b.device_step(1)
+    model, rows = meta_2b.model, 2
+    tr, dep = model.transformer, model.depformer
+    opts = {"device": "meta", "dtype": model.dtype}
+    x = torch.zeros((rows, model.config.model.decoder.n_embd), **opts)
+    cos, sin = tr.layer_tables(torch.zeros(rows, dtype=torch.long, device="meta"))
+    cache = step.decoder
+    mask = torch.zeros((rows, 1, 1, cache.slots), **opts)
+    ws = step.decoder_ws
+    layer = count_ops(lambda: tr.layers[0].add_to(x, 1, (cos[0], sin[0]), (ws.rows, ws.rows),
+                                                  (cache.kv[0], cache.k[0], cache.v[0]), mask, ws))  # type: ignore[index]
+    assert layer.ops == 15, layer.by_name
+    hidden = torch.zeros((rows, model.config.model.decoder.n_embd), **opts)
+    projected = dep.project(hidden, pairs=True)
+    code = torch.zeros(rows // 2, dtype=torch.long, device="meta")  # one per CFG pair, as a step feeds it
+    stage = count_ops(lambda: dep.stage(3, hidden, code, step.depformer, projected=projected, ws=step.depformer_ws))
+    assert stage.ops == 2 + 15 * len(dep.layers) + 3, stage.by_name
+
+
 # ---------------------------------------------------------------------- addresses
 
 

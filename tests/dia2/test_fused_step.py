@@ -132,3 +132,23 @@ def test_fused_weights_are_views_of_the_parameters(tiny_runtime: Dia2) -> None:
     last = tr.audio_embeds[-1].weight
     assert last.untyped_storage().data_ptr() == tr.audio_table.untyped_storage().data_ptr()
     assert torch.equal(tr.audio_table[-last.shape[0] :], last)
+
+
+def test_a_prefill_chunk_computes_what_one_position_steps_compute(tiny_runtime: Dia2) -> None:
+    """The layers have one code path for T positions at once (a voice prompt's prefill) and for
+    one position (a step, with views made once): the same hidden states and cache keys, fp32."""
+    model = tiny_runtime.model
+    gen = torch.Generator().manual_seed(7)
+    steps = 19
+    tokens = torch.randint(0, 400, (2, model.config.data.channels, steps), generator=gen)
+    chunk_cache, step_cache = model.allocate_decoder_cache(2, slots=32), model.allocate_decoder_cache(2, slots=32)
+    with torch.inference_mode():
+        chunk = model.transformer(tokens, torch.zeros(2, dtype=torch.long), chunk_cache, slots=steps).hidden
+        ws = model.transformer.workspace(2)
+        one = [
+            model.transformer(tokens[:, :, t : t + 1], torch.full((2,), t), step_cache, slots=t + 1, ws=ws).hidden
+            for t in range(steps)
+        ]
+    torch.testing.assert_close(chunk, torch.cat(one, dim=1), rtol=0, atol=1e-5)
+    for a, b in zip(chunk_cache.kv or [], step_cache.kv or []):
+        torch.testing.assert_close(a[:, :, :, :steps], b[:, :, :, :steps], rtol=0, atol=1e-5)
