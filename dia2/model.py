@@ -279,13 +279,15 @@ class TemporalTransformer(nn.Module):
         flat = positions.view(B * T)
         cos, sin = self.layer_tables(flat)
         rows = ws.rows if ws is not None else torch.arange(B, device=tokens.device).repeat_interleave(T)
-        full = n_slots == cache.slots and cache.rows == B
+        if cache.rows != B:
+            cache = cache.first_rows(B)
+        assert cache.kv is not None
         h = x.view(B * T, -1)
         for i, layer in enumerate(self.layers):
-            kv, k, v = cache.kv[i], cache.k[i], cache.v[i]
-            if not full:
-                kv, k, v = kv[:B], k[:B, :, :n_slots], v[:B, :, :n_slots]
-            layer.add_to(h, T, (cos[i], sin[i]), (rows, flat), (kv, k, v), mask, ws)
+            k, v = cache.k[i], cache.v[i]
+            if n_slots != cache.slots:  # attend over the first slots only (changes shapes: eager)
+                k, v = k.narrow(2, 0, n_slots), v.narrow(2, 0, n_slots)
+            layer.add_to(h, T, (cos[i], sin[i]), (rows, flat), (cache.kv[i], k, v), mask, ws)
         h = self.norm(x)
         h32 = h.float()  # the heads run in float32 (dia2-format.md §3.7)
         return StepOutput(action_logits=self.action_head(h32), cb0_logits=self.cb0_head(h32), hidden=h)
