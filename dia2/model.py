@@ -34,23 +34,13 @@ from .workspace import QKV, DecoderWorkspace, DepformerViews, DepformerWorkspace
 class KVCache:
     """Per-layer keys and values [rows, heads, slots, head_dim].
 
-    ``kv``, where present (:meth:`allocate_joint`, both caches of a model): per layer one tensor
+    ``kv`` (:meth:`allocate_joint`, both caches of a model): per layer one tensor
     [rows, 2, heads, slots, head_dim] of which ``k[i]`` and ``v[i]`` are views, so a step writes
-    a layer's key and value in one copy."""
+    a layer's key and value in one copy. The model refuses a cache without it."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     kv: list[torch.Tensor] | None = None
-
-    @classmethod
-    def allocate(
-        cls, layers: int, rows: int, heads: int, slots: int, head_dim: int, *, device: torch.device, dtype: torch.dtype
-    ) -> KVCache:
-        shape = (rows, heads, slots, head_dim)
-        return cls(
-            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
-            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
-        )
 
     @classmethod
     def allocate_joint(
@@ -67,6 +57,12 @@ class KVCache:
     def first_rows(self, rows: int) -> KVCache:
         """Views of rows 0…rows-1 (the same memory)."""
         return self.row_range(0, rows)
+
+    def first_slots(self, slots: int) -> KVCache:
+        """Views of slots 0…slots-1 of every layer, ``kv`` included (the same memory): a step
+        that reads only these may be handed this cache (its positions must be < slots)."""
+        kv = [t[:, :, :, :slots] for t in self.kv] if self.kv is not None else None
+        return KVCache(k=[t[:, :, :slots] for t in self.k], v=[t[:, :, :slots] for t in self.v], kv=kv)
 
     @property
     def rows(self) -> int:

@@ -152,3 +152,18 @@ def test_a_prefill_chunk_computes_what_one_position_steps_compute(tiny_runtime: 
     torch.testing.assert_close(chunk, torch.cat(one, dim=1), rtol=0, atol=1e-5)
     for a, b in zip(chunk_cache.kv or [], step_cache.kv or []):
         torch.testing.assert_close(a[:, :, :, :steps], b[:, :, :, :steps], rtol=0, atol=1e-5)
+
+
+def test_a_cache_s_first_slots_are_views_that_a_step_can_write_through(tiny_runtime: Dia2) -> None:
+    """A step handed only the first slots of the cache (what it reads) writes the same keys,
+    through the joint ``kv`` view, as one handed the whole cache."""
+    model = tiny_runtime.model
+    tokens = torch.randint(0, 400, (2, model.config.data.channels, 1), generator=torch.Generator().manual_seed(3))
+    whole, part = model.allocate_decoder_cache(2, slots=16), model.allocate_decoder_cache(2, slots=16)
+    short = part.first_slots(8)
+    assert short.slots == 8 and short.kv is not None and short.k[0].data_ptr() == part.k[0].data_ptr()
+    with torch.inference_mode():
+        want = model.transformer(tokens, torch.full((2,), 5), whole, slots=8).hidden
+        got = model.transformer(tokens, torch.full((2,), 5), short).hidden
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(whole.kv or [], part.kv or []))
