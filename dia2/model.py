@@ -404,6 +404,7 @@ class Depformer(nn.Module):
         self.qk_weights: list[torch.Tensor] = []
         self.head_weights: list[torch.Tensor] = []
         self.code_tables: list[torch.Tensor] = []
+        self.in_fused_t = torch.empty(0)
         self.build_tables()
 
     def workspace(self, cache: KVCache) -> DepformerWorkspace:
@@ -427,6 +428,7 @@ class Depformer(nn.Module):
         device = self.norm.weight.device
         slots = torch.arange(stages, device=device)
         self.qk_weights = [layer.self_attention.qk_norm_weight() for layer in self.layers]
+        self.in_fused_t = self.fuse_inputs()
         for layer in self.layers:
             layer.self_attention.in_t, layer.self_attention.out_t = layer.self_attention.transposed_weights()
             layer.mlp.wi_t, layer.mlp.wo_t = layer.mlp.transposed_weights()
@@ -500,12 +502,24 @@ class Depformer(nn.Module):
             layer.mlp.add_to(z, layer.post_norm(z), ws.mlp if ws else None)
         return torch.nn.functional.linear(self.norm(z).float(), self.head_weights[stage])
 
+    def fuse_inputs(self) -> torch.Tensor:
+        """Every weight set's ``depformer_in`` as one [E, sets·e] matrix (transposed view of the
+        concatenation; the parameters become views of it, no second copy), so one GEMM projects
+        the decoder's h for every set."""
+        fused = torch.cat([proj.weight for proj in self.depformer_in.values()])
+        for proj, part in zip(self.depformer_in.values(), fused.split(self.norm.weight.shape[0])):
+            proj.weight.data = part
+        return fused.t()
+
     def project(self, hidden: torch.Tensor, *, pairs: bool = False) -> dict[str, torch.Tensor]:
         """depformer_in of ``hidden`` [B, E] for each weight set, by id: the same for every stage
-        of a step that uses the set, so a step computes it once per set, not once per stage.
-        ``pairs``: each viewed [B/2, 2, e] (CFG pairs), what a stage fed one code per pair adds to."""
-        B = hidden.shape[0]
-        return {w: proj(hidden).view(B // 2, 2, -1) if pairs else proj(hidden) for w, proj in self.depformer_in.items()}
+        of a step that uses the set, so a step computes it once for all sets (one GEMM), not once
+        per stage. ``pairs``: each [B/2, 2, e] (CFG pairs), what a stage fed one code per pair adds to."""
+        B, e = hidden.shape[0], self.norm.weight.shape[0]
+        sets = len(self.depformer_in)
+        out = torch.mm(hidden, self.in_fused_t)  # [B, sets·e]
+        parts = (out.view(B // 2, 2, sets, e) if pairs else out.view(B, sets, e)).unbind(-2)
+        return dict(zip(self.depformer_in.keys(), parts))
 
 
 class Dia2Model(nn.Module):

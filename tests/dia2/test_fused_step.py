@@ -129,6 +129,9 @@ def test_fused_weights_are_views_of_the_parameters(tiny_runtime: Dia2) -> None:
         pairs += [(layer.mlp.wi_t, layer.mlp.wi.weight), (layer.mlp.wo_t, layer.mlp.wo.weight)]
     for transposed, weight in pairs:
         assert transposed.data_ptr() == weight.data_ptr() and torch.equal(transposed.t(), weight)
+    first = next(iter(dep.depformer_in.values())).weight
+    assert first.data_ptr() == dep.in_fused_t.data_ptr()
+    assert torch.equal(dep.in_fused_t.t(), torch.cat([p.weight for p in dep.depformer_in.values()]))
     last = tr.audio_embeds[-1].weight
     assert last.untyped_storage().data_ptr() == tr.audio_table.untyped_storage().data_ptr()
     assert torch.equal(tr.audio_table[-last.shape[0] :], last)
