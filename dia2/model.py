@@ -95,7 +95,7 @@ class TextEmbedding(nn.Module):
     def forward(self, main: torch.Tensor, second: torch.Tensor, pad_id: int) -> torch.Tensor:
         u = self.main_proj(self.embedding(main))
         v = self.second_proj(self.embedding(second))
-        return u + v * (second != pad_id).unsqueeze(-1).to(v.dtype)
+        return torch.addcmul(u, v, (second != pad_id).unsqueeze(-1).to(v.dtype))  # u + v·gate, gate 0 or 1: exact
 
 
 class DecoderAttention(nn.Module):
@@ -262,17 +262,20 @@ class TemporalTransformer(nn.Module):
             raise ValueError("the decoder needs a joint cache: use Dia2Model.allocate_decoder_cache")
         if ws is not None and (T != 1 or ws.rows.shape[0] != B):
             raise ValueError(f"a decoder workspace serves one position of {ws.rows.shape[0]} rows, got {B}×{T}")
-        positions = start[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
+        if T == 1:  # a step: one position per row
+            positions, flat = start[:, None], start
+        else:
+            positions = start[:, None] + torch.arange(T, device=tokens.device)[None, :]  # [B, T]
+            flat = positions.view(B * T)  # rows in (b, t) order, as the layers' 2-D hidden state
         x = self.text_embed(tokens[:, 0], tokens[:, 1], self.text_pad_id)
         dtype = self.norm.weight.dtype
         # Every codebook in one lookup, summed in one reduction (the reference adds them one by
         # one, rounding after each add: in bf16 this is within its last bit, dia2-format.md §3.2).
         audio = torch.nn.functional.embedding(tokens[:, 2:] + self.audio_offsets, self.audio_table)  # [B, K, T, E]
-        x = x.to(dtype) + audio.sum(dim=1)  # [B, T, E]: the layers update it in place through a 2-D view
+        x = x + audio.sum(dim=1)  # [B, T, E]: the layers update it in place through a 2-D view
         n_slots = slots if slots is not None else cache.slots
         slot_ids = torch.arange(n_slots, device=tokens.device)
         mask = additive_mask((slot_ids[None, None, :] <= positions[:, :, None]).unsqueeze(1), dtype)  # [B, 1, T, S]
-        flat = positions.view(B * T)
         cos, sin = self.layer_tables(flat)
         rows = ws.rows if ws is not None else torch.arange(B, device=tokens.device).repeat_interleave(T)
         if cache.rows != B:
