@@ -47,7 +47,16 @@ from .graphs import (
     use_tf32,
 )
 from .model import Dia2Model, KVCache
-from .sampling import MAX_TOP_K, GenerationConfig, check_top_k, seed_keys
+from .sampling import (
+    MAX_TOP_K,
+    CfgRule,
+    DrawRule,
+    GenerationConfig,
+    cfg_rule,
+    check_top_k,
+    draw_rule,
+    seed_keys,
+)
 from .state_machine import StateRules, TextState, needs_text, process
 
 UNGENERATED = -2  # buffer sentinel: never fed, never decoded
@@ -217,12 +226,10 @@ class StepEngine:
             depformer=model.allocate_depformer_cache(2 * n),
             audio=torch.full((n, self.num_codebooks, columns), UNGENERATED, dtype=torch.long, device=dev),
             seed_keys=torch.zeros(n, dtype=torch.long, device=dev),
-            text_temp=torch.zeros(n, device=dev),
-            text_top_k=torch.zeros(n, dtype=torch.long, device=dev),
-            audio_temp=torch.zeros(n, device=dev),
-            audio_top_k=torch.zeros(n, dtype=torch.long, device=dev),
-            cfg_scale=torch.ones(n, device=dev),
-            cfg_k=torch.zeros(n, dtype=torch.long, device=dev),
+            # Idle rows: greedy, no cut (a slot's own rules are written when its stream starts).
+            **self._sampling_rules(torch.zeros(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev),
+                                   torch.ones(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev),
+                                   torch.zeros(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev)),
         )
         self.slots: list[SlotState | None] = [None] * max_streams
         self.check_invariants = False  # tests turn this on: asserts nothing ungenerated is ever fed
@@ -249,12 +256,27 @@ class StepEngine:
             raise StreamError(f"{exc} (or build the StepEngine with a larger max_top_k)") from None
         b = self.buffers
         b.seed_keys[slot] = int(seed_keys(torch.tensor([gen.seed]))[0])
-        b.text_temp[slot] = gen.text.temperature
-        b.text_top_k[slot] = gen.text.top_k
-        b.audio_temp[slot] = gen.audio.temperature
-        b.audio_top_k[slot] = gen.audio.top_k
-        b.cfg_scale[slot] = gen.cfg_scale
-        b.cfg_k[slot] = gen.cfg_filter_k
+        rules = self._sampling_rules(
+            torch.tensor([gen.text.temperature]), torch.tensor([gen.text.top_k]),
+            torch.tensor([gen.cfg_scale]), torch.tensor([gen.cfg_filter_k]),
+            torch.tensor([gen.audio.temperature]), torch.tensor([gen.audio.top_k]),
+        )
+        for name, rule in rules.items():
+            getattr(b, name).write(slot, rule)
+
+    def _sampling_rules(
+        self, text_temp: torch.Tensor, text_top_k: torch.Tensor, cfg_scale: torch.Tensor, cfg_k: torch.Tensor,
+        audio_temp: torch.Tensor, audio_top_k: torch.Tensor,
+    ) -> dict[str, CfgRule | DrawRule]:
+        """The :class:`EngineBuffers` sampling rules of streams with these settings (tensors [n])."""
+        d, k = self.config.data, self.max_top_k
+        return dict(
+            cfg_text=cfg_rule(cfg_scale, cfg_k, d.action_vocab_size, k),
+            cfg_cb0=cfg_rule(cfg_scale, cfg_k, d.audio_vocab_size, k),
+            cfg_audio=cfg_rule(cfg_scale, cfg_k, self.logit_limit, k),
+            draw_text=draw_rule(text_temp, text_top_k, d.action_vocab_size, k),
+            draw_audio=draw_rule(audio_temp, audio_top_k, self.logit_limit, k),
+        )
 
     def start_fresh(self, slot: int, gen: GenerationConfig, text: TextState, bos: int) -> SlotState:
         """A stream with no voice prompt: step 0 feeds BOS text and BOS audio."""
@@ -366,7 +388,7 @@ class StepEngine:
         step = self._device_steps[n]
         if step is None:
             step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs, memory=self._graph_memory,
-                              guard=self._outputs, max_top_k=self.max_top_k, compiled=self.compile_step)
+                              guard=self._outputs, compiled=self.compile_step)
             self._device_steps[n] = step
         return step
 

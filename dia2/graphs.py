@@ -33,13 +33,15 @@ import torch
 
 from .model import Dia2Model, KVCache
 from .sampling import (
-    MAX_TOP_K,
     SLOT_ACTION,
     SLOT_CB0,
-    cfg_cut,
-    cfg_filter_cut,
+    CfgRule,
+    DrawRule,
+    Window,
+    cfg_filter_with,
+    gumbel,
+    id_keys,
     keyed_uniforms,
-    sample_cut,
     sample_with,
     stage_slot,
 )
@@ -281,12 +283,12 @@ class EngineBuffers:
     depformer: KVCache
     audio: torch.Tensor  # [slots, K, columns] int64 delayed buffer
     seed_keys: torch.Tensor  # [slots] int64: sampling.seed_keys of each stream's seed
-    text_temp: torch.Tensor  # [slots] float32
-    text_top_k: torch.Tensor  # [slots] int64
-    audio_temp: torch.Tensor
-    audio_top_k: torch.Tensor
-    cfg_scale: torch.Tensor  # [slots] float32
-    cfg_k: torch.Tensor  # [slots] int64
+    # Each stream's sampling settings as per-row constants ([slots, 1] tensors), built when it starts.
+    cfg_text: CfgRule  # over the action head
+    cfg_cb0: CfgRule  # over codebook 0's whole head (BOS and PAD take part in the ranking, as upstream)
+    cfg_audio: CfgRule  # over a depformer stage's head (the logit limit)
+    draw_text: DrawRule  # the action
+    draw_audio: DrawRule  # codebook 0 and every stage, over the logit limit
 
 
 class In(enum.IntEnum):
@@ -343,11 +345,6 @@ class StepTensors(NamedTuple):
     stage_logits: torch.Tensor | None  # [2n, S, V'] float32; None when the depformer was skipped
 
 
-def _interleave(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-    """[n, …] and [n, …] → [2n, …]: cond at even rows, uncond at odd rows (the engine's row layout)."""
-    return torch.stack([cond, uncond], dim=1).flatten(0, 1)
-
-
 class DeviceStep:
     """The device half of one batched step for slots 0…n-1, as one function over static buffers.
 
@@ -369,7 +366,6 @@ class DeviceStep:
         graphed: bool,
         memory: GraphMemory | None = None,
         guard: OutputGuard | None = None,
-        max_top_k: int = MAX_TOP_K,
         compiled: bool = False,
     ) -> None:
         cfg = model.config
@@ -378,7 +374,6 @@ class DeviceStep:
         self.buffers = buffers
         self.n = n
         self.guard = guard or OutputGuard()
-        self.max_top_k = max_top_k
         self.text_vocab = cfg.data.text_vocab_size
         self.audio_vocab = cfg.data.audio_vocab_size
         # Views of this bucket's rows, made once: the step slices nothing per layer.
@@ -388,8 +383,6 @@ class DeviceStep:
         # slots: allocated once per bucket (static addresses under graphs), no view made per step.
         self.decoder_ws = model.transformer.workspace(2 * n)
         self.depformer_ws = model.depformer.workspace(self.depformer)
-        # Every random-number slot of a step (action, cb0, the S stages), drawn in one call.
-        self.rng_slots = torch.arange(2 + cfg.num_stages, device=dev)
         self.pair_rows = torch.arange(n, device=dev).repeat_interleave(2)  # [2n]: row 2i and 2i+1 read slot i
         self.num_codebooks = cfg.num_codebooks
         self.num_stages = cfg.num_stages
@@ -397,8 +390,8 @@ class DeviceStep:
         self.logit_limit = cfg.audio_logit_limit
         self.text_pad = cfg.data.text_pad_token_id
         self.text_zero = cfg.data.text_zero_token_id
-        self.uncond_text = torch.tensor([self.text_zero, self.text_pad], device=dev)  # [2] (main, second)
         self.delays = torch.tensor(list(cfg.data.delay_pattern), device=dev)  # [K]
+        self._init_sampling(cfg.data.action_vocab_size, dev)
         # Pinned on CUDA so the copy in is asynchronous. The engine rewrites it only after the
         # previous step's edge copy to the host synchronised the stream; after a step that raised
         # first, a copy still in flight goes to the same tensor as the next one, which lands later.
@@ -419,6 +412,37 @@ class DeviceStep:
         self._without_depformer = CUDAGraphed(
             lambda x: run(x, depformer=False), name=f"step[{n}]", disable=not graphed, memory=memory
         )
+
+    def _init_sampling(self, action_vocab: int, dev: torch.device) -> None:
+        """Everything the step's inputs, CFG and draws read or write besides the model, made once
+        per bucket (captured graphs keep the addresses; a step slices and builds nothing here)."""
+        n, b = self.n, self.buffers
+        self.audio = b.audio[:n]  # [n, K, columns]
+        self.keys = b.seed_keys[:n]
+        self.rows = torch.arange(n, device=dev)  # [n]: index of each slot's own row
+        self.slot_rows = self.rows[:, None]  # [n, 1]
+        self.codebooks = torch.arange(self.num_codebooks, device=dev)  # [K]
+        self.delays_less_one = self.delays - 1  # frame of column t+1 = t - (d - 1)
+        self.cb0_only = self.codebooks == 0  # a step without the depformer writes codebook 0 only
+        # Step tokens [C] per channel: the clamp bounds (text ids, audio ids) and the
+        # unconditional row's text (zero, pad), its audio the conditional row's.
+        c = 2 + self.num_codebooks
+        self.token_min = torch.zeros(c, dtype=torch.long, device=dev)
+        self.token_max = torch.tensor([self.text_vocab - 1] * 2 + [self.audio_vocab - 1] * self.num_codebooks,
+                                      device=dev)
+        self.text_channels = torch.arange(c, device=dev) < 2
+        self.uncond_text = torch.tensor([self.text_zero, self.text_pad] + [0] * self.num_codebooks, device=dev)
+        # The streams' sampling rules, this bucket's rows (views: the engine writes them in place).
+        self.cfg_text, self.cfg_cb0, self.cfg_audio = (r.rows(n) for r in (b.cfg_text, b.cfg_cb0, b.cfg_audio))
+        self.draw_text, self.draw_audio = b.draw_text.rows(n), b.draw_audio.rows(n)
+        widths = {r.width for r in (self.cfg_text, self.cfg_cb0, self.cfg_audio, self.draw_text, self.draw_audio)}
+        self.windows = {w: Window(n, w, dev) for w in sorted(widths)}  # topk scratch, one per width
+        # The step's one RNG call: every slot (action, cb0, the S stages) × every id of the widest head.
+        self.rng_slots = torch.arange(2 + self.num_stages, device=dev)
+        self.id_keys = id_keys(torch.arange(max(action_vocab, self.logit_limit), device=dev))
+        # The codes sampled for column t+1 (cb0, then each stage), written by the draws themselves.
+        self.sampled = torch.zeros((n, self.num_codebooks), dtype=torch.long, device=dev)
+        self.sampled_codes = self.sampled.unbind(1)
 
     @property
     def captured(self) -> bool:
@@ -476,61 +500,65 @@ class DeviceStep:
         slot). An out-of-range index on CUDA is a device-side assert that loses the context for
         every stream; a clamp costs a kernel. The emitted codes are clamped to Mimi's codebook.
         """
-        n, k = self.n, self.num_codebooks
-        b = self.buffers
+        n = self.n
+        audio = self.audio  # [n, K, columns]
         model = self.model
-        audio = b.audio[:n]  # [n, K, columns]
-        keys, scale, cfg_k = b.seed_keys[:n], b.cfg_scale[:n], b.cfg_k[:n]
-        positions = inputs[:, In.POSITION]
-        listed = inputs[:, In.LISTED] != 0
-        # The step's one RNG call: [n, 2 + S] → one [n, 1] column per slot (views).
-        uniforms = keyed_uniforms(keys, positions, self.rng_slots)[:, :, None].unbind(1)
+        col = inputs.unbind(1)  # one [n] view per In column
+        at = inputs[:, :, None].unbind(1)  # … and one [n, 1] view per column (broadcasts against [K])
+        positions = col[In.POSITION]
+        idle = at[In.LISTED] == 0  # [n, 1]
+        # The step's one RNG call: Gumbel noise per slot and id, [n, slots, W] → one [n, W] view per
+        # slot (all 2 + S slots with the depformer, the action's and cb0's without).
+        slots = self.rng_slots if depformer else self.rng_slots[: SLOT_CB0 + 1]
+        noise = gumbel(keyed_uniforms(self.keys, positions, slots, self.id_keys)).unbind(1)
 
         # Inputs [2n, C]: both rows read the same audio column t; row 1 has the unconditional text.
-        audio_in = audio.gather(2, positions[:, None, None].expand(n, k, 1))[..., 0]  # [n, K]
-        audio_in = torch.where((positions[:, None] < self.delays[None, :]) | ~listed[:, None], self.bos, audio_in)
-        cond_text = inputs[:, In.MAIN : In.SECOND + 1]
-        valid = _in_range(audio_in, self.audio_vocab) & _in_range(cond_text, self.text_vocab)  # [n]
-        audio_in = audio_in.clamp(0, self.audio_vocab - 1)
-        cond_text = cond_text.clamp(0, self.text_vocab - 1)
-        uncond_text = self.uncond_text.expand(n, 2)
-        text = _interleave(cond_text, uncond_text)  # [2n, 2]
-        tokens = torch.cat([text, _interleave(audio_in, audio_in)], dim=1)  # [2n, C]
+        audio_in = audio[self.rows, :, positions]  # [n, K]
+        bos = (at[In.POSITION] < self.delays) | idle
+        raw = torch.cat([inputs[:, In.MAIN : In.SECOND + 1], torch.where(bos, self.bos, audio_in)], dim=1)
+        cond = torch.clamp(raw, self.token_min, self.token_max)  # [n, C]
+        valid = (cond == raw).all(dim=1, keepdim=True)  # [n, 1]: every id fed was in its table
+        uncond = torch.where(self.text_channels, self.uncond_text, cond)
+        tokens = torch.stack([cond, uncond], dim=1).view(2 * n, -1)  # [2n, C]: cond and uncond rows interleaved
 
-        out = model.transformer(tokens[:, :, None], _interleave(positions, positions), self.decoder,
+        out = model.transformer(tokens[:, :, None], positions[self.pair_rows], self.decoder,
                                 slots=attend_slots, ws=self.decoder_ws)
         action_logits, cb0_logits = out.action_logits[:, 0], out.cb0_logits[:, 0]  # [2n, Vx], [2n, Va]
-        guided = cfg_filter_cut(action_logits[0::2], action_logits[1::2],
-                                cfg_cut(scale, cfg_k, action_logits.shape[-1], self.max_top_k))
-        text_cut = sample_cut(b.text_temp[:n], b.text_top_k[:n], action_logits.shape[-1], self.max_top_k)
-        actions = sample_with(guided, text_cut, uniforms[SLOT_ACTION])
+        vocab = action_logits.shape[-1]
+        guided = cfg_filter_with(*action_logits.view(n, 2, vocab).unbind(1), self.cfg_text,
+                                 self.windows[self.cfg_text.width])
+        actions = sample_with(guided, self.draw_text, self._noise(noise, SLOT_ACTION, vocab),
+                              self.windows[self.draw_text.width])
 
         # Which codebooks of column t+1 may be written: not a prompt frame, and the slot is listed.
-        frame_of_next = positions[:, None] + 1 - self.delays[None, :]  # [n, K]
-        writable = (frame_of_next >= inputs[:, In.PROMPT_FRAMES, None]) & listed[:, None]
-        next_col = (positions + 1)[:, None, None].expand(n, k, 1)
-        column = audio.gather(2, next_col)[..., 0]  # [n, K]: the prompt's codes where not writable
+        writable = (at[In.POSITION] - self.delays_less_one >= at[In.PROMPT_FRAMES]) > idle  # [n, K]: ≥ and not idle
+        next_positions = positions + 1
+        column = audio[self.rows, :, next_positions]  # [n, K]: the prompt's codes where not writable
 
-        vocab = cb0_logits.shape[-1]
-        guided = cfg_filter_cut(cb0_logits[0::2], cb0_logits[1::2], cfg_cut(scale, cfg_k, vocab, self.max_top_k))
-        guided[:, self.logit_limit :] = float("-inf")  # never BOS/PAD as a code
-        cb0 = sample_with(guided, sample_cut(b.audio_temp[:n], b.audio_top_k[:n], vocab, self.max_top_k),
-                          uniforms[SLOT_CB0])
-        column[:, 0] = torch.where(writable[:, 0], cb0, column[:, 0])
+        guided = cfg_filter_with(*cb0_logits.view(n, 2, -1).unbind(1), self.cfg_cb0, self.windows[self.cfg_cb0.width])
+        guided = guided[:, : self.logit_limit]  # never BOS/PAD as a code
+        sample_with(guided, self.draw_audio, self._noise(noise, SLOT_CB0, self.logit_limit),
+                    self.windows[self.draw_audio.width], out=self.sampled_codes[0])
 
         stage_logits: torch.Tensor | None = None
         if depformer:
-            stage_logits = self._depformer(inputs, out.hidden[:, 0], actions, column, writable, uniforms)
-        audio.scatter_(2, next_col, column[:, :, None])
+            stage_logits = self._depformer(inputs, out.hidden[:, 0], actions, column, writable, noise)
+        # Codebooks 1…K-1 of self.sampled are this step's only with the depformer.
+        column = torch.where(writable if depformer else writable & self.cb0_only, self.sampled, column)
+        torch.ops.aten.index_put_(audio, [self.rows, None, next_positions], column)  # (setitem adds a view at n = 1)
 
         # The frame the host emits after this step (its last column may be the one just written).
-        emit = inputs[:, In.EMIT_FRAME]
-        emit_cols = emit.clamp(min=0)[:, None] + self.delays[None, :]  # [n, K]
-        emitted = audio.gather(2, emit_cols[:, :, None])[..., 0]
-        valid = valid & (_in_range(emitted, self.logit_limit) | (emit < 0))
-        emitted = emitted.clamp(0, self.logit_limit - 1)
-        edge = torch.cat([actions[:, None], valid[:, None].long(), emitted], dim=1)
+        emit = at[In.EMIT_FRAME]  # [n, 1]; -1: none
+        emitted = audio[self.slot_rows, self.codebooks, emit.clamp(min=0) + self.delays]  # [n, K]
+        codes = emitted.clamp(0, self.logit_limit - 1)
+        valid = valid & ((codes == emitted).all(dim=1, keepdim=True) | (emit < 0))
+        edge = torch.cat([actions[:, None], valid.long(), codes], dim=1)
         return StepTensors(edge, tokens, column, action_logits, cb0_logits, stage_logits)
+
+    @staticmethod
+    def _noise(noise: tuple[torch.Tensor, ...], slot: int, vocab: int) -> torch.Tensor:
+        """A slot's noise [n, vocab] for a head of that width (a full-width slice would still cost a view op)."""
+        return noise[slot] if noise[slot].shape[-1] == vocab else noise[slot][:, :vocab]
 
     def _depformer(
         self,
@@ -539,12 +567,12 @@ class DeviceStep:
         actions: torch.Tensor,
         column: torch.Tensor,
         writable: torch.Tensor,
-        uniforms: tuple[torch.Tensor, ...],
+        noise: tuple[torch.Tensor, ...],
     ) -> torch.Tensor:
-        """All S stages; writes codebooks 1…K-1 of ``column`` [n, K] in place where writable.
-        hidden [2n, E]; uniforms: one [n, 1] per RNG slot. Returns the stage logits [2n, S, V']."""
+        """All S stages; draws codebooks 1…K-1 of column t+1 into :attr:`sampled`. hidden [2n, E];
+        column [n, K] as it stands (cb0 not yet written); noise: one [n, W] per RNG slot.
+        Returns the stage logits [2n, S, V']."""
         n = self.n
-        b = self.buffers
         dep = self.model.depformer
         text: tuple[torch.Tensor, torch.Tensor] | None = None
         if dep.text_embed is not None:
@@ -555,32 +583,23 @@ class DeviceStep:
             # Both CFG rows get the conditional row's text (as the reference runtime does: its
             # stage-0 text tensors are filled with the state machine's output for every branch).
             text = (nxt[:, 0], nxt[:, 1])  # one per CFG pair, as the codes
-        # Each stage is teacher-forced from column t+1 as it now stands (the sampled code, or
+        # Each stage is teacher-forced from column t+1 as it will be written (the sampled code, or
         # the prompt's own code in the continuation zone). Clamp: rows of unlisted slots may
         # hold the ungenerated sentinel; their outputs are ignored.
-        # Per-step constants, built once for all S stages: the cuts, and each codebook's column
-        # as it stands (clamped: what a stage is fed where it may not write) with its write flag.
-        cfg = cfg_cut(b.cfg_scale[:n], b.cfg_k[:n], self.logit_limit, self.max_top_k)
-        cut = sample_cut(b.audio_temp[:n], b.audio_top_k[:n], self.logit_limit, self.max_top_k)
-        fixed = column.clamp(min=0).unbind(1)  # K × [n]
+        fixed = column.clamp(min=0).unbind(1)  # K × [n]: what a stage is fed where it may not write
         may_write = writable.unbind(1)
-        prev = fixed[0]
+        cut, draw = self.cfg_audio, self.draw_audio
+        cut_window, draw_window = self.windows[cut.width], self.windows[draw.width]
+        prev = torch.where(may_write[0], self.sampled_codes[0], fixed[0])
         projected = dep.project(hidden, pairs=True)  # depformer_in once per weight set, not once per stage
         all_logits: list[torch.Tensor] = []
-        tokens: list[torch.Tensor] = []
         for stage in range(self.num_stages):
             logits = dep.stage(stage, hidden, prev, self.depformer, text=text,
                                projected=projected, ws=self.depformer_ws)  # [2n, V']; both CFG rows are fed the slot's code
-            pair = logits.view(n, 2, -1)
-            guided = cfg_filter_cut(pair[:, 0], pair[:, 1], cfg)
-            tok = sample_with(guided, cut, uniforms[stage_slot(stage)])
-            prev = torch.where(may_write[stage + 1], tok, fixed[stage + 1])
-            tokens.append(tok)
+            guided = cfg_filter_with(*logits.view(n, 2, -1).unbind(1), cut, cut_window)
+            code = sample_with(guided, draw, self._noise(noise, stage_slot(stage), self.logit_limit), draw_window,
+                               out=self.sampled_codes[stage + 1])
+            if stage + 1 < self.num_stages:
+                prev = torch.where(may_write[stage + 1], code, fixed[stage + 1])
             all_logits.append(logits)
-        column[:, 1:] = torch.where(writable[:, 1:], torch.stack(tokens, dim=1), column[:, 1:])
         return torch.stack(all_logits, dim=1)
-
-
-def _in_range(ids: torch.Tensor, size: int) -> torch.Tensor:
-    """[n, …] int64 → [n] bool: every id of the row is in 0…size-1."""
-    return ((ids >= 0) & (ids < size)).flatten(1).all(dim=1)

@@ -29,7 +29,7 @@ from dia2.errors import DeviceLost, StreamError, is_device_lost
 from dia2.graphs import Edge, OutputsUnread, buckets_upto
 from dia2.model import Dia2Model
 from dia2.random_checkpoint import shape_config
-from dia2.sampling import MAX_TOP_K, cfg_filter, check_top_k, sample, stage_slot, stream_uniforms
+from dia2.sampling import MAX_TOP_K, cfg_filter, check_top_k, gumbel, sample, stage_slot, stream_uniforms
 from dia2.snapshot import VoiceSnapshot, build_snapshot
 from dia2.state_machine import Entry, new_text_state
 from dia2.stream import StreamRunner, StreamStatus
@@ -111,8 +111,12 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
     """Every tensor a captured step graph reads or writes outside itself, by name → data address."""
     b = engine.buffers
     found: dict[str, int] = {}
-    for name in ("audio", "seed_keys", "text_temp", "text_top_k", "audio_temp", "audio_top_k", "cfg_scale", "cfg_k"):
+    for name in ("audio", "seed_keys"):
         found[name] = getattr(b, name).data_ptr()
+    for name in ("cfg_text", "cfg_cb0", "cfg_audio", "draw_text", "draw_audio"):
+        for part, tensor in vars(getattr(b, name)).items():
+            if isinstance(tensor, torch.Tensor):
+                found[f"{name}.{part}"] = tensor.data_ptr()
     for cache_name, cache in (("decoder", b.decoder), ("depformer", b.depformer)):
         for i, (k, v) in enumerate(zip(cache.k, cache.v)):
             found[f"{cache_name}.k{i}"], found[f"{cache_name}.v{i}"] = k.data_ptr(), v.data_ptr()
@@ -133,6 +137,10 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
             for i, per_stage in enumerate(step.depformer_ws.slots):
                 for s, slot in enumerate(per_stage):
                     found[f"step{n}.depformer_ws.slot{i}.{s}"] = slot.data_ptr()
+            found[f"step{n}.sampled"], found[f"step{n}.id_keys"] = step.sampled.data_ptr(), step.id_keys.data_ptr()
+            for width, window in step.windows.items():
+                found[f"step{n}.window{width}"] = window.values.data_ptr()
+                found[f"step{n}.window{width}.indices"] = window.indices.data_ptr()
     model = engine.model
     found["rope.cos"] = model.transformer.rope.cos.data_ptr()
     found["audio_table"] = model.transformer.audio_table.data_ptr()
@@ -274,15 +282,45 @@ def test_device_lost_is_recognised_and_not_isolated_per_stream(
 
 
 def test_one_rng_call_per_step_draws_the_numbers_of_one_call_per_slot() -> None:
-    """The counter-based property: the number for (seed, step, slot) does not depend on how it is drawn."""
+    """The counter-based property: the number for (seed, step, slot, id) does not depend on how it is drawn."""
     seeds = torch.tensor([0, 7, 2**40 + 3])
     steps = torch.tensor([0, 19, 1234])
     slots = torch.arange(2 + 31)
-    together = stream_uniforms(seeds, steps, slots)
-    assert together.shape == (3, 33)
+    ids = torch.arange(2048)
+    together = stream_uniforms(seeds, steps, slots, ids)
+    assert together.shape == (3, 33, 2048)
     for s in range(33):
-        assert torch.equal(together[:, s], stream_uniforms(seeds, steps, s))
-    assert torch.equal(together[:, stage_slot(4)], stream_uniforms(seeds, steps, 6))
+        assert torch.equal(together[:, s], stream_uniforms(seeds, steps, s, ids))
+    assert torch.equal(together[:, stage_slot(4)], stream_uniforms(seeds, steps, 6, ids))
+    assert torch.equal(together[:, :, :2], stream_uniforms(seeds, steps, slots, ids[:2]))  # the action's width
+
+
+def test_the_step_draws_what_cfg_filter_and_sample_draw(tiny_runtime: Dia2) -> None:
+    """One rule in one place: every id a sampled step draws (action, cb0, each stage) is
+    ``sample(cfg_filter(...))`` of the step's own logits with the stream's Gumbel noise for
+    (seed, step, slot); the codes drawn at step t are the audio the stream is fed at t + 1."""
+    gen = GenerationConfig(text=SamplingParams(1.5, 0), audio=SamplingParams(1.2, 20), cfg_scale=3.0, cfg_filter_k=40,
+                           seed=11)
+    records = tiny_runtime.generate("[S1] Hello my friend.", config=gen, record=True).records
+    cfg = tiny_runtime.config
+    limit, vx = cfg.audio_logit_limit, cfg.data.action_vocab_size
+    scale, k = torch.tensor([gen.cfg_scale]), torch.tensor([gen.cfg_filter_k])
+    step_rows = [(r, nxt) for r, nxt in zip(records, records[1:]) if r.stage_logits is not None and r.step + 1 >= 18]
+    assert len(step_rows) > 5
+
+    def draw(logits: torch.Tensor, params: SamplingParams, step: int, slot: int, vocab: int) -> int:
+        noise = gumbel(stream_uniforms(torch.tensor([gen.seed]), torch.tensor([step]), slot, torch.arange(vocab)))
+        return int(sample(logits, torch.tensor([params.temperature]), torch.tensor([params.top_k]), noise).item())
+
+    for r, nxt in step_rows:
+        action = cfg_filter(r.action_logits[0:1], r.action_logits[1:2], scale, k)
+        assert draw(action, gen.text, r.step, 0, vx) == r.action
+        codes = [draw(cfg_filter(r.cb0_logits[0:1], r.cb0_logits[1:2], scale, k)[:, :limit], gen.audio, r.step, 1, limit)]
+        assert r.stage_logits is not None
+        for s in range(cfg.num_stages):
+            guided = cfg_filter(r.stage_logits[0:1, s], r.stage_logits[1:2, s], scale, k)
+            codes.append(draw(guided, gen.audio, r.step, stage_slot(s), limit))
+        assert nxt.tokens[0, 2:].tolist() == codes
 
 
 def sort_cfg_filter(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -307,10 +345,11 @@ def test_sampling_keeps_exactly_the_top_k_and_refuses_a_k_it_cannot_cut_at() -> 
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(1, 2048, generator=gen)
     top = set(logits[0].topk(5).indices.tolist())
-    drawn = {sample(logits, torch.ones(1), torch.tensor([5]), torch.tensor([u / 200])).item() for u in range(200)}
+    steps = torch.arange(300)
+    noise = gumbel(stream_uniforms(torch.zeros_like(steps), steps, 2, torch.arange(2048)))  # [300, 2048]
+    drawn = {sample(logits, torch.ones(1), torch.tensor([5]), noise[u : u + 1]).item() for u in range(200)}
     assert drawn <= top and len(drawn) > 1
-    anything = {sample(logits, torch.full((1,), 5.0), torch.tensor([0]), torch.tensor([u / 300])).item()
-                for u in range(300)}
+    anything = {sample(logits, torch.full((1,), 5.0), torch.tensor([0]), noise[u : u + 1]).item() for u in range(300)}
     assert len(anything - top) > 0  # top_k 0: no cut
     check_top_k("audio top_k", MAX_TOP_K, 2048)
     check_top_k("audio top_k", 2048, 2048)  # >= vocab: no cut
