@@ -38,9 +38,9 @@ from .sampling import (
     CfgRule,
     DrawRule,
     Window,
+    cell_keys,
     cfg_filter_with,
     gumbel,
-    id_keys,
     keyed_uniforms,
     sample_with,
     stage_slot,
@@ -437,9 +437,11 @@ class DeviceStep:
         self.draw_text, self.draw_audio = b.draw_text.rows(n), b.draw_audio.rows(n)
         widths = {r.width for r in (self.cfg_text, self.cfg_cb0, self.cfg_audio, self.draw_text, self.draw_audio)}
         self.windows = {w: Window(n, w, dev) for w in sorted(widths)}  # topk scratch, one per width
-        # The step's one RNG call: every slot (action, cb0, the S stages) × every id of the widest head.
-        self.rng_slots = torch.arange(2 + self.num_stages, device=dev)
-        self.id_keys = id_keys(torch.arange(max(action_vocab, self.logit_limit), device=dev))
+        # The step's one RNG call: every slot (action, cb0, the S stages) × every id of the widest
+        # head, [2 + S, W] hash keys; the action's and cb0's rows alone without the depformer.
+        slots = torch.arange(2 + self.num_stages, device=dev)
+        self.rng_cells = cell_keys(slots, torch.arange(max(action_vocab, self.logit_limit), device=dev))
+        self.rng_cells_head = self.rng_cells[: SLOT_CB0 + 1]
         # The codes sampled for column t+1 (cb0, then each stage), written by the draws themselves.
         self.sampled = torch.zeros((n, self.num_codebooks), dtype=torch.long, device=dev)
         self.sampled_codes = self.sampled.unbind(1)
@@ -509,8 +511,8 @@ class DeviceStep:
         idle = at[In.LISTED] == 0  # [n, 1]
         # The step's one RNG call: Gumbel noise per slot and id, [n, slots, W] → one [n, W] view per
         # slot (all 2 + S slots with the depformer, the action's and cb0's without).
-        slots = self.rng_slots if depformer else self.rng_slots[: SLOT_CB0 + 1]
-        noise = gumbel(keyed_uniforms(self.keys, positions, slots, self.id_keys)).unbind(1)
+        cells = self.rng_cells if depformer else self.rng_cells_head
+        noise = gumbel(keyed_uniforms(self.keys, positions, cells)).unbind(1)
 
         # Inputs [2n, C]: both rows read the same audio column t; row 1 has the unconditional text.
         audio_in = audio[self.rows, :, positions]  # [n, K]
@@ -552,7 +554,7 @@ class DeviceStep:
         emitted = audio[self.slot_rows, self.codebooks, emit.clamp(min=0) + self.delays]  # [n, K]
         codes = emitted.clamp(0, self.logit_limit - 1)
         valid = valid & ((codes == emitted).all(dim=1, keepdim=True) | (emit < 0))
-        edge = torch.cat([actions[:, None], valid.long(), codes], dim=1)
+        edge = torch.cat([actions[:, None], valid, codes], dim=1)  # (cat promotes the flag to int64)
         return StepTensors(edge, tokens, column, action_logits, cb0_logits, stage_logits)
 
     @staticmethod

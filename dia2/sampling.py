@@ -75,15 +75,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
-    """The per-stream half of the hash: depends on the seed alone, so an engine computes it once
-    when a stream starts (:func:`keyed_uniforms` then costs a step three mixing rounds, not five)."""
+    """The per-stream part of the hash: depends on the seed alone, so an engine computes it once
+    when a stream starts."""
     h = _mix32(seeds & _M32)
     return _mix32(h ^ ((seeds >> 32) & _M32))
 
 
-def id_keys(ids: torch.Tensor) -> torch.Tensor:
-    """The per-id half of the hash (vocabulary ids [V] int64 → [V]), built once with the step."""
-    return _mix32(ids & _M32)
+def cell_keys(slot: int | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The per-(slot, id) part of the hash: ``ids`` [V] int64 (< 2**16) → [V] for one slot, or
+    [S, V] for slots [S] (< 2**16); distinct cells get distinct keys. A step builds its table once."""
+    if isinstance(slot, torch.Tensor):
+        slot = slot[:, None]
+    return _mix32((slot << 16) | ids)
 
 
 def stream_uniforms(
@@ -95,22 +98,18 @@ def stream_uniforms(
     ``slot`` may be a tensor of slots [S] (int64): then all of them at once, [B, S, V], each
     number equal to the one a separate call for that slot gives (one call serves a whole step),
     and each id's number is the same whichever other ids are drawn."""
-    return keyed_uniforms(seed_keys(seeds), steps, slot, id_keys(ids))
+    return keyed_uniforms(seed_keys(seeds), steps, cell_keys(slot, ids))
 
 
-def keyed_uniforms(
-    keys: torch.Tensor, steps: torch.Tensor, slot: int | torch.Tensor, ids: torch.Tensor
-) -> torch.Tensor:
-    """:func:`stream_uniforms` from the streams' :func:`seed_keys` [B] and the :func:`id_keys` [V].
+def keyed_uniforms(keys: torch.Tensor, steps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """:func:`stream_uniforms` from the streams' :func:`seed_keys` [B] and a :func:`cell_keys`
+    table ([V] or [S, V]) → [B, V] or [B, S, V].
 
-    Three mixing rounds: (key, step), then the slot, then the id. Steps are positions in
+    Two mixing rounds a step: (key, step), then with each cell's key. Steps are positions in
     [0, 2**32). The top 24 bits of the hash, made odd, over 2**24: in [2**-24, 1 - 2**-24],
     exact in float32, never 0 or 1 (so :func:`gumbel` is finite)."""
     h = _mix32(keys ^ steps)
-    if isinstance(slot, torch.Tensor):
-        h = h[:, None]
-    h = _mix32(h ^ slot)
-    h = _mix32(h[..., None] ^ ids)
+    h = _mix32(h.view(h.shape + (1,) * cells.dim()) ^ cells)
     return ((h >> 8) | 1).to(torch.float32) * (1.0 / (1 << 24))
 
 

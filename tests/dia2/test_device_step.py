@@ -137,7 +137,7 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
             for i, per_stage in enumerate(step.depformer_ws.slots):
                 for s, slot in enumerate(per_stage):
                     found[f"step{n}.depformer_ws.slot{i}.{s}"] = slot.data_ptr()
-            found[f"step{n}.sampled"], found[f"step{n}.id_keys"] = step.sampled.data_ptr(), step.id_keys.data_ptr()
+            found[f"step{n}.sampled"], found[f"step{n}.rng_cells"] = step.sampled.data_ptr(), step.rng_cells.data_ptr()
             for width, window in step.windows.items():
                 found[f"step{n}.window{width}"] = window.values.data_ptr()
                 found[f"step{n}.window{width}.indices"] = window.indices.data_ptr()
