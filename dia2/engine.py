@@ -565,12 +565,16 @@ class StepEngine:
 
     def _record(self, s: int, st: SlotState, out: StepTensors, action: int) -> StepRecord:
         rows = slice(2 * s, 2 * s + 2)
+
+        def keep(x: torch.Tensor) -> torch.Tensor:  # a copy even on the CPU: step outputs are reused buffers
+            return x[rows].to("cpu", copy=True)
+
         return StepRecord(
             step=st.position,
-            tokens=out.tokens[rows].cpu(),
-            action_logits=out.action_logits[rows].cpu(),
-            cb0_logits=out.cb0_logits[rows].cpu(),
-            stage_logits=out.stage_logits[rows].cpu() if out.stage_logits is not None else None,
+            tokens=keep(out.tokens),
+            action_logits=keep(out.action_logits),
+            cb0_logits=keep(out.cb0_logits),
+            stage_logits=keep(out.stage_logits) if out.stage_logits is not None else None,
             action=action,
         )
 

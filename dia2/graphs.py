@@ -574,7 +574,6 @@ class DeviceStep:
         """All S stages; draws codebooks 1…K-1 of column t+1 into :attr:`sampled`. hidden [2n, E];
         column [n, K] as it stands (cb0 not yet written); noise: one [n, W] per RNG slot.
         Returns the stage logits [2n, S, V']."""
-        n = self.n
         dep = self.model.depformer
         text: tuple[torch.Tensor, torch.Tensor] | None = None
         if dep.text_embed is not None:
@@ -594,14 +593,13 @@ class DeviceStep:
         cut_window, draw_window = self.windows[cut.width], self.windows[draw.width]
         prev = torch.where(may_write[0], self.sampled_codes[0], fixed[0])
         projected = dep.project(hidden, pairs=True)  # depformer_in once per weight set, not once per stage
-        all_logits: list[torch.Tensor] = []
+        heads = self.depformer_ws.heads  # each stage's head writes its [2n, V'] part of heads.all
         for stage in range(self.num_stages):
-            logits = dep.stage(stage, hidden, prev, self.depformer, text=text,
-                               projected=projected, ws=self.depformer_ws)  # [2n, V']; both CFG rows are fed the slot's code
-            guided = cfg_filter_with(*logits.view(n, 2, -1).unbind(1), cut, cut_window)
+            dep.stage(stage, hidden, prev, self.depformer, text=text, projected=projected,
+                      ws=self.depformer_ws)  # both CFG rows are fed the slot's code
+            guided = cfg_filter_with(heads.cond[stage], heads.uncond[stage], cut, cut_window)
             code = sample_with(guided, draw, self._noise(noise, stage_slot(stage), self.logit_limit), draw_window,
                                out=self.sampled_codes[stage + 1])
             if stage + 1 < self.num_stages:
                 prev = torch.where(may_write[stage + 1], code, fixed[stage + 1])
-            all_logits.append(logits)
-        return torch.stack(all_logits, dim=1)
+        return heads.all

@@ -27,7 +27,7 @@ from .layers import (
     rms_normalize,
     rotate,
 )
-from .workspace import QKV, DecoderWorkspace, DepformerViews, DepformerWorkspace
+from .workspace import QKV, DecoderWorkspace, DepformerViews, DepformerWorkspace, StageLogits
 
 
 @dataclass
@@ -406,6 +406,7 @@ class Depformer(nn.Module):
         self.stage_tables: list[StageTables] = []
         self.qk_weights: list[torch.Tensor] = []
         self.head_weights: list[torch.Tensor] = []
+        self.head_weights_t: list[torch.Tensor] = []
         self.code_tables: list[torch.Tensor] = []
         self.in_fused_t = torch.empty(0)
         self.build_tables()
@@ -419,8 +420,11 @@ class Depformer(nn.Module):
         slots = tuple(tuple(kv.narrow(3, s, 1) for s in range(len(self.audio_embeds))) for kv in cache.kv)
         w = self.norm.weight
         z = torch.empty((cache.rows, w.shape[0]), device=w.device, dtype=w.dtype)
+        logits = torch.empty((cache.rows, len(self.audio_embeds), self.logit_limit), device=w.device,
+                             dtype=self.logits[0].weight.dtype)
         return DepformerWorkspace(layer.self_attention.workspace(cache.rows), layer.mlp.workspace(cache.rows),
-                                  tuple(cache.k), tuple(cache.v), slots, z, z.view(cache.rows // 2, 2, -1))
+                                  tuple(cache.k), tuple(cache.v), slots, z, z.view(cache.rows // 2, 2, -1),
+                                  StageLogits.of_buffer(logits))
 
     def build_tables(self) -> None:
         """Derived tensors, built once (and again by :meth:`Dia2Model.rebuild_rotary_tables` after
@@ -438,8 +442,10 @@ class Depformer(nn.Module):
         # Each stage's code embedding as [V, 1, e] (views): a lookup of one code per CFG pair
         # comes out [B/2, 1, e], ready to broadcast over the pair's two rows.
         self.code_tables = [embed.weight[:, None] for embed in self.audio_embeds]
-        # Each stage's head cut to the logit limit once (views): no slice of the logits per stage.
+        # Each stage's head cut to the logit limit once (views): no slice of the logits per stage;
+        # transposed (views) for a head written straight into a step's logits (mm out=).
         self.head_weights = [head.weight[: self.logit_limit] for head in self.logits]
+        self.head_weights_t = [w.t() for w in self.head_weights]
         self.stage_tables = []
         for s in range(stages):
             rope = None
@@ -503,7 +509,12 @@ class Depformer(nn.Module):
             attn.add_to(z, layer.pre_norm(z), w, tables.mask, tables.qk[i], (slots[i], keys[i], values[i]),
                         ws.attn if ws else None)
             layer.mlp.add_to(z, layer.post_norm(z), ws.mlp if ws else None)
-        return torch.nn.functional.linear(self.norm(z).float(), self.head_weights[stage])
+        h32 = self.norm(z).float()  # the heads run in float32 (dia2-format.md §3.7)
+        if ws is None or torch.compiler.is_compiling():  # Dynamo refuses a strided out=
+            logits = torch.nn.functional.linear(h32, self.head_weights[stage])
+            return logits if ws is None else ws.heads.of[stage].copy_(logits)
+        # Straight into the step's [rows, S, V'] logits (the same GEMM as linear: x @ Wᵀ)
+        return torch.mm(h32, self.head_weights_t[stage], out=ws.heads.of[stage])
 
     def fuse_inputs(self) -> torch.Tensor:
         """Every weight set's ``depformer_in`` as one [E, sets·e] matrix (transposed view of the

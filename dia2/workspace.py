@@ -80,3 +80,22 @@ class DepformerWorkspace:
     slots: tuple[tuple[torch.Tensor, ...], ...]  # [layer][stage]: the joint cache's kv[layer].narrow(3, stage, 1)
     z: torch.Tensor  # [rows, e]: a stage's residual stream
     z_pairs: torch.Tensor  # the same as [rows/2, 2, e] (CFG pairs)
+    heads: StageLogits  # where each stage's head writes its logits
+
+
+@dataclass(frozen=True)
+class StageLogits:
+    """Where a step's depformer heads write: ``all`` [rows, S, V'] float32 (the step's stage
+    logits, no stack at the end), and per stage ``of[s]`` [rows, V'] with its CFG halves
+    ``cond[s]`` (even rows) and ``uncond[s]`` (odd rows), views made once: a stage's head is one
+    ``mm(…, out=)`` and CFG reads its two halves with no view, unbind or select per stage."""
+
+    all: torch.Tensor
+    of: tuple[torch.Tensor, ...]
+    cond: tuple[torch.Tensor, ...]
+    uncond: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of_buffer(cls, logits: torch.Tensor) -> StageLogits:
+        stages = logits.unbind(1)
+        return cls(logits, stages, tuple(x[0::2] for x in stages), tuple(x[1::2] for x in stages))

@@ -64,6 +64,7 @@ def test_the_2b_step_runs_on_the_meta_device_in_every_bucket(meta_2b: StepEngine
         assert (out.stage_logits is not None) == depformer
         if out.stage_logits is not None:
             assert out.stage_logits.shape == (2 * bucket, meta_2b.config.num_stages, meta_2b.config.audio_logit_limit)
+            assert out.stage_logits is step.depformer_ws.heads.all  # the heads wrote into the bucket's buffer
 
 
 def test_operation_counts_do_not_depend_on_the_batch(meta_2b: StepEngine) -> None:
