@@ -339,17 +339,37 @@ class MimiStreamState:
         self.value.index_fill_(1, idx, 0.0)
 
 
-def _take(buf: Tensor, idx: Tensor | None) -> Tensor:
-    """Rows ``idx`` of a [B, ...] state buffer (the buffer itself when all rows are decoded)."""
-    return buf if idx is None else buf.index_select(0, idx)
+@dataclass(frozen=True)
+class _Rows:
+    """The rows one decode call computes and the rows whose state it writes.
+
+    ``idx`` [n]: a subset (gathered, decoded, scattered back). ``idx`` None: all ``max_batch``
+    rows, in place; then ``emit`` [B] bool (or None for every row) says whose state advances.
+    The masked form has one shape whatever emits and reads no tensor on the host: a CUDA graph.
+    """
+
+    idx: Tensor | None = None
+    emit: Tensor | None = None
 
 
-def _put(buf: Tensor, idx: Tensor | None, value: Tensor) -> None:
-    """Write rows ``idx`` of a [B, ...] state buffer in place."""
-    if idx is None:
-        buf.copy_(value)
+def _take(buf: Tensor, rows: _Rows) -> Tensor:
+    """The computed rows of a [B, ...] state buffer (the buffer itself when all rows are decoded)."""
+    return buf if rows.idx is None else buf.index_select(0, rows.idx)
+
+
+def _put(buf: Tensor, rows: _Rows, value: Tensor) -> None:
+    """Write the computed rows of a [B, ...] state buffer in place; masked rows keep their bits."""
+    if rows.idx is not None:
+        buf.index_copy_(0, rows.idx, value)
+    elif rows.emit is not None:
+        buf.copy_(torch.where(_per_row(rows.emit, buf), value, buf))
     else:
-        buf.index_copy_(0, idx, value)
+        buf.copy_(value)
+
+
+def _per_row(flags: Tensor, like: Tensor) -> Tensor:
+    """[B] → [B, 1, …, 1], broadcastable against ``like`` [B, …]."""
+    return flags.view(-1, *([1] * (like.dim() - 1)))
 
 
 class MimiStreamDecoder:
@@ -412,6 +432,10 @@ class MimiStreamDecoder:
             position=torch.zeros(max_batch, dtype=torch.long, device=device),
         )
         self._all_rows = torch.arange(max_batch, device=device)
+        # The codebooks' embed tables are cached on first use: build them now, outside any graph capture.
+        for rvq in (self._quantizer.semantic_residual_vector_quantizer, self._quantizer.acoustic_residual_vector_quantizer):
+            for vq in rvq.layers:
+                _ = vq.codebook.embed
 
     @staticmethod
     def _plan_conv(name: str, module: MimiConv1d) -> _CausalConv:
@@ -421,7 +445,9 @@ class MimiStreamDecoder:
         if module.pad_mode != "constant":
             # Zero initial context equals zero left padding only for constant padding.
             raise CheckpointError(f"Mimi decoder conv {name}: pad_mode {module.pad_mode!r} is not supported")
-        return _CausalConv(name=name, conv=conv, context=int(module.padding_total))
+        # MimiConv1d.padding_total, from the conv's own ints (no tensor read: builds on the meta device too).
+        context = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1 - conv.stride[0]
+        return _CausalConv(name=name, conv=conv, context=context)
 
     @staticmethod
     def _plan_convtr(name: str, module: MimiConvTranspose1d) -> _CausalConvTranspose:
@@ -514,24 +540,44 @@ class MimiStreamDecoder:
             raise ValueError(f"codes must be [n, K, T], got shape {tuple(codes.shape)}")
         idx = self._row_index(rows, codes.shape[0])
         codes = codes.to(device=self._all_rows.device, dtype=torch.long)
+        return self._decode(codes, _Rows(idx=idx), clamp)
 
+    @torch.no_grad()
+    def decode_masked(self, codes: Tensor, emit: Tensor, *, clamp: bool = True) -> Tensor:
+        """One fixed-shape decode over ALL rows: codes [max_batch, K, T] long, emit [max_batch] bool
+        (on the decoder's device) → PCM [max_batch, T·1920].
+
+        Only rows with ``emit`` advance; every other row's state keeps its bits and its output
+        row is meaningless. No host sync, no data-dependent shape (CUDA-graph safe), so
+        nothing is validated: codes are clamped into the codebook on the device instead (an
+        out-of-range index would be a device-side assert). For in-range codes an emitting row
+        gets what ``decode(codes[rows], rows=rows)`` gives it.
+        """
+        if codes.dim() != 3 or codes.shape[0] != self.max_batch or emit.shape != (self.max_batch,) \
+                or emit.dtype != torch.bool:
+            raise ValueError(f"decode_masked takes codes [{self.max_batch}, K, T] and a bool emit [{self.max_batch}], "
+                             f"got {tuple(codes.shape)} and {emit.dtype} {tuple(emit.shape)}")
+        codes = codes.clamp(0, self.codec.codebook_size - 1)
+        return self._decode(codes, _Rows(emit=emit), clamp)
+
+    def _decode(self, codes: Tensor, rows: _Rows, clamp: bool) -> Tensor:
         latent = self._quantizer.decode(codes)  # [n, D, T] at 12.5 Hz
         if self._upsample is not None:
-            latent = self._convtr(self._convtrs[self._upsample], latent, idx)  # [n, D, 2T] at 25 Hz
-        hidden = self._decoder_transformer(latent.transpose(1, 2), idx)  # [n, 2T, D]
-        pcm = self._seanet_forward(hidden.transpose(1, 2), idx)[:, 0]  # [n, T·1920]
+            latent = self._convtr(self._convtrs[self._upsample], latent, rows)  # [n, D, 2T] at 25 Hz
+        hidden = self._decoder_transformer(latent.transpose(1, 2), rows)  # [n, 2T, D]
+        pcm = self._seanet_forward(hidden.transpose(1, 2), rows)[:, 0]  # [n, T·1920]
         return pcm.clamp(-1.0, 1.0) if clamp else pcm
 
-    def _conv(self, plan: _CausalConv, x: Tensor, idx: Tensor | None) -> Tensor:
+    def _conv(self, plan: _CausalConv, x: Tensor, rows: _Rows) -> Tensor:
         """x [n, Cin, T] → [n, Cout, T], left context taken from and given back to the state."""
         if plan.context == 0:
             return plan.conv(x)
         buf = self.state.context[plan.name]
-        full = torch.cat([_take(buf, idx), x], dim=-1)  # [n, Cin, P + T]
-        _put(buf, idx, full[..., full.shape[-1] - plan.context :])
+        full = torch.cat([_take(buf, rows), x], dim=-1)  # [n, Cin, P + T]
+        _put(buf, rows, full[..., full.shape[-1] - plan.context :])
         return plan.conv(full)
 
-    def _convtr(self, plan: _CausalConvTranspose, x: Tensor, idx: Tensor | None) -> Tensor:
+    def _convtr(self, plan: _CausalConvTranspose, x: Tensor, rows: _Rows) -> Tensor:
         """x [n, Cin, T] → [n, Cout, T·s]: this call's samples complete; the spill-over is carried."""
         t, s = x.shape[-1], plan.stride
         if self.matmul_convtr:
@@ -541,32 +587,32 @@ class MimiStreamDecoder:
             y = F.pad(y, (0, (t + plan.blocks - 1) * s - y.shape[-1]))  # [n, Cout, (T+n-1)·s]
         if plan.tail > 0:
             buf = self.state.tails[plan.name]
-            y[..., : plan.tail] += _take(buf, idx)
-            _put(buf, idx, y[..., t * s :])  # bias-free: the bias is added once, on emission
+            y[..., : plan.tail] += _take(buf, rows)
+            _put(buf, rows, y[..., t * s :])  # bias-free: the bias is added once, on emission
         out = y[..., : t * s]
         if plan.conv.bias is not None:
             out = out + plan.conv.bias[:, None]
         return out
 
-    def _seanet_forward(self, x: Tensor, idx: Tensor | None) -> Tensor:
+    def _seanet_forward(self, x: Tensor, rows: _Rows) -> Tensor:
         """The SEANet decoder [n, D, 2T] → [n, 1, T·1920], walking MimiDecoder.layers in order."""
         for layer in self._seanet.layers:
-            x = self._layer(layer, x, idx)
+            x = self._layer(layer, x, rows)
         return x
 
-    def _layer(self, layer: nn.Module, x: Tensor, idx: Tensor | None) -> Tensor:
+    def _layer(self, layer: nn.Module, x: Tensor, rows: _Rows) -> Tensor:
         if isinstance(layer, MimiConv1d):
-            return self._conv(self._convs[layer], x, idx)
+            return self._conv(self._convs[layer], x, rows)
         if isinstance(layer, MimiConvTranspose1d):
-            return self._convtr(self._convtrs[layer], x, idx)
+            return self._convtr(self._convtrs[layer], x, rows)
         if isinstance(layer, MimiResnetBlock):
             h = x
             for sub in layer.block:
-                h = self._layer(sub, h, idx)
-            return self._layer(layer.shortcut, x, idx) + h
+                h = self._layer(sub, h, rows)
+            return self._layer(layer.shortcut, x, rows) + h
         return layer(x)  # ELU, Identity: stateless
 
-    def _decoder_transformer(self, x: Tensor, idx: Tensor | None) -> Tensor:
+    def _decoder_transformer(self, x: Tensor, rows: _Rows) -> Tensor:
         """Mimi's decoder transformer, x [n, T, D] → [n, T, D], attending over each row's KV ring.
 
         Mirrors MimiTransformerLayer: pre-LayerNorm, RoPE on q/k, causal sliding-window attention
@@ -574,8 +620,7 @@ class MimiStreamDecoder:
         """
         n, t, _ = x.shape
         w, device = self._window, x.device
-        rows = self._all_rows if idx is None else idx
-        pos = self.state.position.index_select(0, rows)  # [n]
+        pos = _take(self.state.position, rows)  # [n]
         q_pos = pos[:, None] + torch.arange(t, device=device)  # [n, T]
         cos, sin = self._rope(q_pos)  # [n, 1, T, D]
 
@@ -598,10 +643,10 @@ class MimiStreamDecoder:
             k = k * cos + _rotate_half(k) * sin
 
             ring_k, ring_v = self.state.key[layer_idx], self.state.value[layer_idx]  # [B, W, Hkv, D]
-            keys = torch.cat([_take(ring_k, idx).transpose(1, 2), k], dim=2)  # [n, Hkv, W + T, D]
-            values = torch.cat([_take(ring_v, idx).transpose(1, 2), v], dim=2)
-            ring_k[rows[:, None], write_slots] = k[:, :, t - keep :].transpose(1, 2)  # after the read above
-            ring_v[rows[:, None], write_slots] = v[:, :, t - keep :].transpose(1, 2)
+            keys = torch.cat([_take(ring_k, rows).transpose(1, 2), k], dim=2)  # [n, Hkv, W + T, D]
+            values = torch.cat([_take(ring_v, rows).transpose(1, 2), v], dim=2)
+            _write_ring(ring_k, rows, write_slots, k[:, :, t - keep :].transpose(1, 2))  # after the read above
+            _write_ring(ring_v, rows, write_slots, v[:, :, t - keep :].transpose(1, 2))
             if self._kv_heads != self._heads:  # grouped-query: head h reads kv head h // groups
                 keys = keys.repeat_interleave(self._heads // self._kv_heads, dim=1)
                 values = values.repeat_interleave(self._heads // self._kv_heads, dim=1)
@@ -610,7 +655,7 @@ class MimiStreamDecoder:
             x = x + layer.self_attn_layer_scale(out)
             x = x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
 
-        _put(self.state.position, idx, pos + t)
+        _put(self.state.position, rows, pos + t)
         return x
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -619,6 +664,17 @@ class MimiStreamDecoder:
         freqs = positions[..., None].float() * rope.inv_freq.float()  # [n, T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [n, T, D]
         return (emb.cos() * rope.attention_scaling)[:, None], (emb.sin() * rope.attention_scaling)[:, None]
+
+
+def _write_ring(ring: Tensor, rows: _Rows, slots: Tensor, new: Tensor) -> None:
+    """Write ``new`` [n, keep, Hkv, D] into slots [n, keep] of the computed rows of a KV ring [B, W, Hkv, D]."""
+    if rows.idx is not None:
+        ring[rows.idx[:, None], slots] = new
+        return
+    at = slots[:, :, None, None].expand_as(new)  # all rows: a scatter, masked rows write back their own bits
+    if rows.emit is not None:
+        new = torch.where(_per_row(rows.emit, new), new, ring.gather(1, at))
+    ring.scatter_(1, at, new)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ import torch
 from .codec import MimiStreamDecoder
 from .engine import FrameOut, SlotState, StepEngine
 from .errors import DeviceLost, StreamError, is_device_lost
+from .mimi_step import MimiStepDecoder
 from .runtime import Dia2
 from .sampling import GenerationConfig
 from .snapshot import VoiceSnapshot
@@ -234,6 +235,15 @@ class StreamRunner:
         self.max_streams = max_streams
         self.engine = StepEngine(runtime.model, runtime.rules(), max_streams=max_streams)
         self.decoder = MimiStreamDecoder(runtime.codec, max_batch=max_streams)
+        # Each step's frames: on CUDA one fixed-shape masked decode over every row, graphed with
+        # the engine's graphs (same pool and output rule, see dia2/mimi_step.py); on CPU the
+        # emitting rows only. Captured now, like the step's graphs: no row emits, nothing changes.
+        engine = self.engine
+        self.frame_decoder = MimiStepDecoder(
+            self.decoder, graphed=engine.use_cuda_graphs and runtime.codec.device.type == "cuda",
+            memory=engine._graph_memory, guard=engine._outputs,
+        )
+        self.frame_decoder.capture()
         self.streams: dict[int, Stream] = {}  # slot → stream
 
     @property
@@ -326,10 +336,7 @@ class StreamRunner:
         touched: list[Stream] = []
         if frames:
             try:
-                codes = torch.stack([f.codes for f in frames])[:, :, None].to(self.runtime.codec.device)
-                with torch.inference_mode():
-                    pcm = self.decoder.decode(codes, rows=[f.slot for f in frames], validate=False)
-                pcm_host = pcm.float().cpu().numpy()
+                pcm_host = self.frame_decoder.decode([f.slot for f in frames], [f.codes for f in frames])
             except Exception as exc:  # the decoder rows may be half-updated: those streams cannot go on
                 if self.runtime.device.type == "cuda" and is_device_lost(exc):
                     raise DeviceLost(f"the {self.runtime.device} context failed in the Mimi decode ({exc}); "
