@@ -165,10 +165,12 @@ class StepEngine:
 
     - eager (CPU default): rows for slots 0…max(listed), attention over the filled cache slots;
     - static (``static_shapes``): rows for the batch bucket of max(listed) + 1 slots (1, 2, 4, …,
-      32; buffers are sized for ``bucket_for(max_streams)`` slots) and attention over the whole
-      cache: the fixed shapes a CUDA graph replays, run eagerly;
-    - graphed (``use_cuda_graphs``, CUDA default): static, through captured graphs, all captured
-      at construction (:meth:`capture_graphs`) so the first caller pays nothing.
+      32; buffers are sized for ``bucket_for(max_streams)`` slots) and attention over the
+      smallest length bucket that holds every row's position (64, 128, …, the whole cache;
+      :func:`dia2.graphs.length_buckets`): the fixed shapes a CUDA graph replays, run eagerly;
+    - graphed (``use_cuda_graphs``, CUDA default): static, through captured graphs, one per
+      (batch bucket, length bucket, depformer or not), all captured at construction
+      (:meth:`capture_graphs`) so the first caller pays nothing.
 
     ``use_cuda_graphs``: None = on for a CUDA model unless ``DIA2_CUDA_GRAPHS=0`` or
     :func:`dia2.graphs.no_cuda_graphs`. ``static_shapes``: None = same as graphs (it must be on
@@ -393,7 +395,8 @@ class StepEngine:
         return step
 
     def capture_graphs(self) -> None:
-        """Capture every bucket's graphs (with and without the depformer) now, at start-up.
+        """Capture every bucket's graphs (each length bucket, with and without the depformer) now,
+        at start-up.
 
         Runs on idle rows, so it changes nothing a stream reads; it must run before any stream
         starts. A no-op without CUDA graphs. Graphs not captured here are captured by the first
@@ -439,9 +442,14 @@ class StepEngine:
         need_depformer = any(
             st.position + 1 - min(self.delays[1:] or [0]) >= st.prompt_frames for st in states
         )
-        attend = None if self.static_shapes else max(r.position for r in rows) + 1
+        # Cache slots the step must read: every row's, listed or not (each writes the KV slot at
+        # its position). The host knows the positions, so choosing a length costs no sync.
+        needed = max(r.position for r in rows) + 1
         try:
-            out = device_step(depformer=need_depformer, attend_slots=attend)
+            if self.static_shapes:
+                out = device_step(depformer=need_depformer, length=device_step.length_for(needed))
+            else:
+                out = device_step(depformer=need_depformer, attend_slots=needed)
             try:
                 # The one device→host copy: [n, 2 + K] actions, flags, emitted codes (pinned, reused).
                 edge = device_step.read_edge(out)

@@ -11,7 +11,8 @@ launches the whole step at once (dia2-format.md §9).
 - :func:`no_cuda_graphs` and the ``DIA2_CUDA_GRAPHS=0`` env var turn every graph off (moshi
   ``utils/compile.py``); CPU never uses graphs.
 - :class:`DeviceStep` is the device part of a step for a fixed bucket of n slots (1, 2, 4, …,
-  32): transformer over the whole cache (fixed shape), action and cb0 CFG + sampling, the 31
+  32): transformer over the first L cache slots, L one of a few length buckets
+  (:func:`length_buckets`: 64, 128, …, the whole cache), action and cb0 CFG + sampling, the 31
   depformer stages, the masked writes into the audio buffer and the gather of the frames to
   emit. No ``.item()``, ``.cpu()``, ``.tolist()`` or Python ``if`` on a tensor value inside:
   the host reads one small tensor per step, after the step (:attr:`StepTensors.edge`).
@@ -55,6 +56,8 @@ ACTION_PAD = 0
 ACTION_NEW_WORD = 1
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+# The smallest attention-length bucket: a graphed step reads at least this many cache slots.
+SHORTEST_LENGTH = 64
 
 T = TypeVar("T")
 
@@ -123,6 +126,30 @@ def bucket_for(slots: int) -> int:
 def buckets_upto(capacity: int) -> tuple[int, ...]:
     """Every bucket an engine of ``capacity`` slots uses (capacity is itself a bucket)."""
     return tuple(1 << i for i in range(bucket_for(capacity).bit_length()))
+
+
+def length_buckets(context: int) -> tuple[int, ...]:
+    """The attention lengths a fixed-shape step is built for, for a cache of ``context`` slots:
+    powers of two from :data:`SHORTEST_LENGTH` below ``context``, then ``context`` itself
+    (1500 → 64, 128, 256, 512, 1024, 1500). The one ladder: a step reads the cache slots
+    0…L-1 of the smallest L that holds every row's position, so its KV reads grow with the
+    turn instead of always covering the whole cache."""
+    if context < 1:
+        raise ValueError(f"a cache holds at least one slot, got {context}")
+    ladder = []
+    length = SHORTEST_LENGTH
+    while length < context:
+        ladder.append(length)
+        length *= 2
+    return (*ladder, context)
+
+
+def length_bucket_for(needed: int, ladder: tuple[int, ...]) -> int:
+    """The smallest length of ``ladder`` that is at least ``needed`` (cache slots a step must read)."""
+    for length in ladder:
+        if length >= needed:
+            return length
+    raise ValueError(f"a step needs {needed} cache slots but the longest length bucket is {ladder[-1]}")
 
 
 # ---------------------------------------------------------------------- wrapper
@@ -350,11 +377,14 @@ class DeviceStep:
 
     The host stages one int64 row per slot (:class:`SlotInputs`) in :attr:`staging`; a call
     copies it to the device (one host→device copy) and runs :meth:`forward`: through a graph
-    (two variants, with and without the depformer stages) when ``attend_slots`` is None and
-    graphs are on, eagerly otherwise. ``attend_slots`` limits attention to the first cache
-    slots (eager only: it changes shapes); None attends over the whole cache, the fixed
-    shape a graph needs. Rows of slots that are not listed are computed and ignored: their
-    only writes are the KV slot at their position and depformer scratch.
+    when ``attend_slots`` is None and graphs are on, eagerly otherwise. A graph per
+    (depformer or not, length bucket): ``length``, one of :attr:`lengths`
+    (:func:`length_buckets` of the cache), is how many cache slots the step reads, each a view
+    of the cache's first slots built here once, so a step slices nothing per layer; it must
+    hold every row's position (:meth:`length_for`). ``attend_slots`` instead reads exactly
+    that many slots (eager only: shapes change every step). Rows of slots that are not listed
+    are computed and ignored: their only writes are the KV slot at their position and
+    depformer scratch.
     """
 
     def __init__(
@@ -378,6 +408,11 @@ class DeviceStep:
         self.audio_vocab = cfg.data.audio_vocab_size
         # Views of this bucket's rows, made once: the step slices nothing per layer.
         self.decoder = buffers.decoder.first_rows(2 * n)
+        # … and of each length bucket's first cache slots (the same memory): a step over length
+        # L hands the model a cache of exactly L slots, which it reads whole.
+        self.lengths = length_buckets(self.decoder.slots)
+        self.decoder_by_length = {length: self.decoder if length == self.decoder.slots
+                                  else self.decoder.first_slots(length) for length in self.lengths}
         self.depformer = buffers.depformer.first_rows(2 * n)
         # Where the layers write their GEMM outputs, and the depformer's per-(layer, stage) cache
         # slots: allocated once per bucket (static addresses under graphs), no view made per step.
@@ -404,14 +439,21 @@ class DeviceStep:
         self.edge_copied = torch.cuda.Event() if dev.type == "cuda" else None
         # Opt-in: the fixed-shape step through torch.compile (Inductor fuses the elementwise ops
         # between GEMMs), compiled on first use, before a graph captures it (the pre-capture runs).
-        run = torch.compile(self.forward, fullgraph=True, dynamic=False) if compiled else self.forward
+        # One compiled entry per variant of this step, counted apart from other buckets' steps
+        # (Dynamo's default allows 8 per function, and fullgraph makes the ninth an error).
+        variants = [(depformer, length) for length in self.lengths for depformer in (True, False)]
+        run = (torch.compile(self.forward, fullgraph=True, dynamic=False, recompile_limit=len(variants),
+                             isolate_recompiles=True) if compiled else self.forward)
         self.compiled = compiled
-        self._with_depformer = CUDAGraphed(
-            lambda x: run(x, depformer=True), name=f"step[{n}]+depformer", disable=not graphed, memory=memory
-        )
-        self._without_depformer = CUDAGraphed(
-            lambda x: run(x, depformer=False), name=f"step[{n}]", disable=not graphed, memory=memory
-        )
+        self.graphs: dict[tuple[bool, int], CUDAGraphed[StepTensors]] = {
+            (depformer, length): CUDAGraphed(
+                lambda x, d=depformer, length=length: run(x, depformer=d, length=length),  # type: ignore[misc]
+                name=f"step[{n}, {length}]" + ("+depformer" if depformer else ""),
+                disable=not graphed,
+                memory=memory,
+            )
+            for depformer, length in variants
+        }
 
     def _init_sampling(self, action_vocab: int, dev: torch.device) -> None:
         """Everything the step's inputs, CFG and draws read or write besides the model, made once
@@ -448,7 +490,13 @@ class DeviceStep:
 
     @property
     def captured(self) -> bool:
-        return self._with_depformer.captured and self._without_depformer.captured
+        """Every variant's graph (with and without the depformer, each length bucket) is captured."""
+        return all(g.captured for g in self.graphs.values())
+
+    def length_for(self, needed: int) -> int:
+        """The length bucket of a step whose rows read cache slots 0…needed-1 (max position + 1
+        over every row, listed or not: an unlisted row still writes the KV slot at its position)."""
+        return length_bucket_for(needed, self.lengths)
 
     def stage(self, rows: list[SlotInputs]) -> None:
         """Write the host rows (exactly n) into the staging tensor."""
@@ -459,15 +507,22 @@ class DeviceStep:
             )
         self.staging.copy_(torch.tensor([r.row() for r in rows], dtype=torch.long))
 
-    def __call__(self, *, depformer: bool, attend_slots: int | None = None) -> StepTensors:
-        """Copy the staged rows to the device and run the step (no host sync). Claims the
-        :class:`OutputGuard`: release it once the outputs are read."""
+    def __call__(self, *, depformer: bool, length: int | None = None, attend_slots: int | None = None) -> StepTensors:
+        """Copy the staged rows to the device and run the step (no host sync): over ``length``
+        cache slots (a length bucket; None: the whole cache) through that variant's graph, or
+        eagerly over exactly ``attend_slots``. Claims the :class:`OutputGuard`: release it once
+        the outputs are read."""
+        graphed = None
+        if attend_slots is None:
+            graphed = self.graphs.get((depformer, self.lengths[-1] if length is None else length))
+            if graphed is None:
+                raise GraphShapeError(f"step[{self.n}] has no length bucket {length}; use one of "
+                                      f"{self.lengths} (length_for)")
         self.guard.claim(f"step[{self.n}]")
         with torch.inference_mode():
             self.inputs.copy_(self.staging, non_blocking=True)
-            if attend_slots is not None:
+            if graphed is None:
                 return self.forward(self.inputs, depformer=depformer, attend_slots=attend_slots)
-            graphed = self._with_depformer if depformer else self._without_depformer
             return graphed(self.inputs)
 
     def read_edge(self, out: StepTensors) -> torch.Tensor:
@@ -480,11 +535,12 @@ class DeviceStep:
         return self.edge_host
 
     def capture(self) -> None:
-        """Run (and, with graphs, capture) both variants on idle rows: no slot listed, so nothing
-        observable changes (KV slot 0 of each row and depformer scratch are rewritten before use)."""
+        """Run (and, with graphs, capture) every variant (with and without the depformer, each
+        length bucket) on idle rows: no slot listed, so nothing observable changes (KV slot 0 of
+        each row and depformer scratch are rewritten before use)."""
         self.stage([self.idle_row()] * self.n)
-        for depformer in (True, False):
-            self(depformer=depformer)
+        for depformer, length in self.graphs:
+            self(depformer=depformer, length=length)
             self.guard.release()
 
     def idle_row(self, position: int = 0) -> SlotInputs:
@@ -494,8 +550,12 @@ class DeviceStep:
 
     # ------------------------------------------------------------------ the function
 
-    def forward(self, inputs: torch.Tensor, *, depformer: bool, attend_slots: int | None = None) -> StepTensors:
+    def forward(
+        self, inputs: torch.Tensor, *, depformer: bool, length: int | None = None, attend_slots: int | None = None
+    ) -> StepTensors:
         """inputs [n, len(In)] int64 → :class:`StepTensors`. Reads and writes the engine's buffers.
+        Attention reads the first ``length`` cache slots (a length bucket; None: all of them) or,
+        eagerly, exactly ``attend_slots``.
 
         First-run safety: every id that reaches an embedding is clamped into its table on the
         device, and :attr:`Edge.VALID` says whether clamping was needed (the host fails such a
@@ -523,7 +583,8 @@ class DeviceStep:
         uncond = torch.where(self.text_channels, self.uncond_text, cond)
         tokens = torch.stack([cond, uncond], dim=1).view(2 * n, -1)  # [2n, C]: cond and uncond rows interleaved
 
-        out = model.transformer(tokens[:, :, None], positions[self.pair_rows], self.decoder,
+        cache = self.decoder_by_length[self.lengths[-1] if length is None else length]
+        out = model.transformer(tokens[:, :, None], positions[self.pair_rows], cache,
                                 slots=attend_slots, ws=self.decoder_ws)
         action_logits, cb0_logits = out.action_logits[:, 0], out.cb0_logits[:, 0]  # [2n, Vx], [2n, Va]
         vocab = action_logits.shape[-1]

@@ -26,7 +26,7 @@ from dia2.config import parse_config
 from dia2.diagnostics import count_ops, meta_engine, rules_without_tokenizer, step_op_counts
 from dia2.engine import StepEngine
 from dia2.errors import DeviceLost, StreamError, is_device_lost
-from dia2.graphs import Edge, OutputsUnread, buckets_upto
+from dia2.graphs import Edge, OutputsUnread, buckets_upto, length_buckets
 from dia2.model import Dia2Model
 from dia2.random_checkpoint import shape_config
 from dia2.sampling import MAX_TOP_K, cfg_filter, check_top_k, gumbel, sample, stage_slot, stream_uniforms
@@ -51,12 +51,19 @@ def meta_2b() -> StepEngine:
 
 @pytest.mark.parametrize("bucket", buckets_upto(32))
 def test_the_2b_step_runs_on_the_meta_device_in_every_bucket(meta_2b: StepEngine, bucket: int) -> None:
-    """Through the same call a graph replay makes (stage rows, copy in, forward over the whole cache)."""
+    """Through the same call a graph replay makes (stage rows, copy in, forward over a length
+    bucket's cache view). Each batch bucket runs both variants, each at a different length
+    bucket, so that across the batch buckets every length runs with and without the depformer
+    (the 2B shape has as many length buckets as buckets_upto(32); the full product would cost
+    six times as long for shapes that vary independently)."""
     step = meta_2b.device_step(bucket)
     assert step.n == bucket
+    lengths = length_buckets(meta_2b.context)
+    assert step.lengths == lengths == (64, 128, 256, 512, 1024, 1500) and len(lengths) == len(buckets_upto(32))
+    i = buckets_upto(32).index(bucket)
     step.stage([step.idle_row()] * bucket)
-    for depformer in (True, False):
-        out = step(depformer=depformer)
+    for depformer, length in ((True, lengths[i]), (False, lengths[(i + 3) % len(lengths)])):
+        out = step(depformer=depformer, length=length)
         step.guard.release()
         k = meta_2b.num_codebooks
         assert out.edge.device.type == "meta" and out.edge.shape == (bucket, Edge.CODES + k)
@@ -97,6 +104,17 @@ def test_a_step_s_decoder_layer_and_depformer_layer_dispatch_fifteen_ops_each(me
     code = torch.zeros(rows // 2, dtype=torch.long, device="meta")  # one per CFG pair, as a step feeds it
     stage = count_ops(lambda: dep.stage(3, hidden, code, step.depformer, projected=projected, ws=step.depformer_ws))
     assert stage.ops == 2 + 15 * len(dep.layers) + 3, stage.by_name
+
+
+def test_a_short_length_bucket_dispatches_the_operations_of_the_whole_cache(meta_2b: StepEngine) -> None:
+    """Each length bucket's cache views are built once with the step: attending over 64 slots
+    instead of all 1,500 adds no slicing (or any other operation) to the step."""
+    step = meta_2b.device_step(1)
+    step.stage([step.idle_row()])
+    step.inputs.copy_(step.staging)
+    short = count_ops(lambda: step.forward(step.inputs, depformer=False, length=step.lengths[0]))
+    whole = count_ops(lambda: step.forward(step.inputs, depformer=False))
+    assert step.lengths[0] == 64 and short.by_name == whole.by_name
 
 
 # ---------------------------------------------------------------------- addresses
@@ -142,6 +160,10 @@ def captured_addresses(engine: StepEngine) -> dict[str, int]:
             for width, window in step.windows.items():
                 found[f"step{n}.window{width}"] = window.values.data_ptr()
                 found[f"step{n}.window{width}.indices"] = window.indices.data_ptr()
+            for length, view in step.decoder_by_length.items():  # views built once, of the same memory
+                found[f"step{n}.decoder[{length}].k0"] = view.k[0].data_ptr()
+                found[f"step{n}.decoder[{length}].v-1"] = view.v[-1].data_ptr()
+                found[f"step{n}.decoder[{length}].kv-1"] = view.kv[-1].data_ptr()  # type: ignore[index]
     model = engine.model
     found["rope.cos"] = model.transformer.rope.cos.data_ptr()
     found["audio_table"] = model.transformer.audio_table.data_ptr()

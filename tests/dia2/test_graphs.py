@@ -14,12 +14,16 @@ from dia2.engine import FrameOut, StepEngine, StepRecord
 from dia2.graphs import (
     ENV_VAR,
     CUDAGraphed,
+    DeviceStep,
     Edge,
     GraphShapeError,
     SlotInputs,
+    StepTensors,
     bucket_for,
     buckets_upto,
     cuda_graphs_enabled,
+    length_bucket_for,
+    length_buckets,
     no_cuda_graphs,
     resolve_use_cuda_graphs,
 )
@@ -32,6 +36,7 @@ from .test_generation import synthetic_speechlike
 
 TEXT = "[S1] Hello there, how are you?"
 TURNS = ["[S1] Fine, thanks.", "[S1] How can I help?", "[S1] Goodbye now."]
+LONG_TEXT = "[S1] " + " ".join(["Thanks for calling, how can I help you with your order today?"] * 2)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -102,21 +107,73 @@ def join_and_leave(runner: StreamRunner, snapshot: VoiceSnapshot, *, greedy: boo
 # ---------------------------------------------------------------------- CPU: static equals eager
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_static_full_cache_path_gives_the_eager_tokens(tiny_runtime: Dia2, seed: int) -> None:
-    """What a graph replays (bucket rows, attention over the whole cache), run eagerly on CPU.
+@pytest.fixture
+def lengths_used(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The ``length`` of every device step run from here on (None: the whole cache or eager)."""
+    used: list[int | None] = []
+    call = DeviceStep.__call__
+
+    def spy(self: DeviceStep, **kwargs: object) -> StepTensors:
+        used.append(kwargs.get("length"))  # type: ignore[arg-type]
+        return call(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DeviceStep, "__call__", spy)
+    return used
+
+
+@pytest.mark.parametrize(("cfg", "text"), [
+    (GenerationConfig(seed=0), LONG_TEXT),
+    (GenerationConfig(seed=1), TEXT),
+    (GenerationConfig(seed=0).greedy(), TEXT),
+], ids=["sampled-long", "sampled", "greedy"])
+def test_static_length_bucket_path_gives_the_eager_tokens(tiny_runtime: Dia2, lengths_used: list[int | None],
+                                                          cfg: GenerationConfig, text: str) -> None:
+    """What a graph replays (bucket rows, attention over the smallest length bucket that holds
+    the positions), run eagerly on CPU; the long turn crosses the 64- and 128-slot boundaries.
 
     Tokens are identical, sampled and greedy. Logits agree to the last bits only: attending over
-    every cache slot (the masked ones add exact zeros) changes the float summation order."""
+    more slots than are filled (the masked ones add exact zeros) changes the float summation order."""
     rules = tiny_runtime.rules()
     eager = StepEngine(tiny_runtime.model, rules, max_streams=1)
     static = StepEngine(tiny_runtime.model, rules, max_streams=1, static_shapes=True)
     assert not eager.static_shapes and static.static_shapes and not static.use_cuda_graphs
-    for cfg in (GenerationConfig(seed=seed), GenerationConfig(seed=seed).greedy()):
-        codes_eager, records_eager = run_fresh(tiny_runtime, eager, cfg)
-        codes_static, records_static = run_fresh(tiny_runtime, static, cfg)
-        assert torch.equal(codes_static, codes_eager)
-        assert_records_close(records_static, records_eager)
+    codes_eager, records_eager = run_fresh(tiny_runtime, eager, cfg, text)
+    assert set(lengths_used) == {None}
+    lengths_used.clear()
+    codes_static, records_static = run_fresh(tiny_runtime, static, cfg, text)
+    assert torch.equal(codes_static, codes_eager)
+    assert_records_close(records_static, records_eager)
+    # Each step ran over the smallest length bucket that holds its position.
+    assert lengths_used == [length_bucket_for(r.step + 1, length_buckets(static.context)) for r in records_static]
+    if text == LONG_TEXT:
+        assert set(lengths_used) == {64, 128, 256}
+
+
+def test_length_buckets_are_powers_of_two_up_to_the_whole_cache(tiny_runtime: Dia2) -> None:
+    assert length_buckets(1500) == (64, 128, 256, 512, 1024, 1500)
+    assert length_buckets(512) == (64, 128, 256, 512) and length_buckets(513) == (64, 128, 256, 512, 513)
+    assert length_buckets(64) == (64,) and length_buckets(40) == (40,)
+    assert [length_bucket_for(n, (64, 128, 200)) for n in (1, 64, 65, 128, 129, 200)] == [64, 64, 128, 128, 200, 200]
+    with pytest.raises(ValueError, match="needs 201 cache slots but the longest length bucket is 200"):
+        length_bucket_for(201, (64, 128, 200))
+    step = StepEngine(tiny_runtime.model, tiny_runtime.rules(), max_streams=2, static_shapes=True).device_step(2)
+    assert step.lengths == (64, 128, 256, 512) and set(step.graphs) == {
+        (depformer, length) for depformer in (True, False) for length in step.lengths
+    }
+    for length, view in step.decoder_by_length.items():
+        assert [t.shape[2] for t in (*view.k, *view.v)] == [length] * 2 * len(view.k)
+        assert view.k[0].data_ptr() == step.decoder.k[0].data_ptr()
+    with pytest.raises(GraphShapeError, match=r"no length bucket 100; use one of \(64, 128, 256, 512\)"):
+        step(depformer=False, length=100)
+    step(depformer=False, length=64)  # the refused call claimed nothing
+    step.guard.release()
+
+
+def test_capture_runs_every_variant_of_a_step(tiny_runtime: Dia2, lengths_used: list[int | None]) -> None:
+    """What capture_graphs does per batch bucket at start-up (graphs themselves need CUDA)."""
+    step = StepEngine(tiny_runtime.model, tiny_runtime.rules(), max_streams=1, static_shapes=True).device_step(1)
+    step.capture()
+    assert sorted(lengths_used) == sorted(length for _, length in step.graphs) == sorted([64, 128, 256, 512] * 2)
 
 
 def test_static_path_equals_eager_with_prompts_buckets_joins_and_leaves(
