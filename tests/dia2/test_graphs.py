@@ -149,6 +149,21 @@ def test_static_length_bucket_path_gives_the_eager_tokens(tiny_runtime: Dia2, le
         assert set(lengths_used) == {64, 128, 256}
 
 
+def test_the_length_bucket_holds_the_rows_that_are_not_listed_too(tiny_runtime: Dia2,
+                                                                  lengths_used: list[int | None]) -> None:
+    """An active slot that is not listed still writes the KV slot at its own position (its next
+    step overwrites it), so the step's length must hold that position too: 128 slots here for a
+    listed row at position 0, or the write would fall outside the 64-slot view."""
+    engine = StepEngine(tiny_runtime.model, tiny_runtime.rules(), max_streams=2, static_shapes=True)
+    for s in (0, 1):
+        text = new_text_state(engine.rules, tiny_runtime.script_entries("[S1] Hello there."))
+        engine.start_fresh(s, GenerationConfig(seed=s), text, tiny_runtime.token_ids.bos)
+    engine.slots[0].position = 70  # as if slot 0 had spoken for 70 steps
+    engine.step([1])
+    assert lengths_used == [128]
+    assert engine.slots[1].position == 1 and engine.slots[0].position == 70
+
+
 def test_length_buckets_are_powers_of_two_up_to_the_whole_cache(tiny_runtime: Dia2) -> None:
     assert length_buckets(1500) == (64, 128, 256, 512, 1024, 1500)
     assert length_buckets(512) == (64, 128, 256, 512) and length_buckets(513) == (64, 128, 256, 512, 513)
@@ -305,23 +320,32 @@ def test_cuda_graphs_are_captured_at_construction_for_every_bucket(graphs_env: p
     assert engine.use_cuda_graphs and engine.static_shapes
     steps = {n: engine._device_steps[n] for n in (1, 2, 4)}
     assert all(s is not None and s.captured for s in steps.values())
+    # One graph per (depformer or not, length bucket) in every batch bucket, all captured.
+    lengths = length_buckets(engine.context)
+    assert lengths == (64, 128, 256, 512)
+    for s in steps.values():
+        assert s is not None and set(s.graphs) == {(d, length) for d in (True, False) for length in lengths}
+        assert all(g.captured for g in s.graphs.values())
+    graphs = {n: dict(s.graphs) for n, s in steps.items() if s is not None}
     run_fresh(cuda_runtime_fp32, engine, GenerationConfig(seed=1).greedy(), text="[S1] Hi.")
     assert all(engine._device_steps[n] is steps[n] for n in steps)  # stepping captured nothing new
+    assert all(steps[n].graphs == graphs[n] for n in steps)  # type: ignore[union-attr]
     with no_cuda_graphs():
         assert not StepEngine(cuda_runtime_fp32.model, cuda_runtime_fp32.rules()).use_cuda_graphs
 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize(("seed", "text"), [(0, TEXT), (3, LONG_TEXT)])
 def test_cuda_graphed_greedy_tokens_equal_eager(graphs_env: pytest.MonkeyPatch, cuda_runtime_fp32: Dia2,
-                                                seed: int) -> None:
+                                                seed: int, text: str) -> None:
+    """The long turn replays the 64-, 128- and 256-slot length buckets' graphs."""
     rules = cuda_runtime_fp32.rules()
     graphed = StepEngine(cuda_runtime_fp32.model, rules, max_streams=1)
     eager = StepEngine(cuda_runtime_fp32.model, rules, max_streams=1, use_cuda_graphs=False)
     cfg = GenerationConfig(seed=seed).greedy()
-    codes_graphed, records_graphed = run_fresh(cuda_runtime_fp32, graphed, cfg)
-    codes_eager, records_eager = run_fresh(cuda_runtime_fp32, eager, cfg)
+    codes_graphed, records_graphed = run_fresh(cuda_runtime_fp32, graphed, cfg, text)
+    codes_eager, records_eager = run_fresh(cuda_runtime_fp32, eager, cfg, text)
     assert torch.equal(codes_graphed, codes_eager)
     assert_records_close(records_graphed, records_eager, atol=1e-4)  # GPU kernels differ more by length
 
