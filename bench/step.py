@@ -9,8 +9,12 @@ the device is synchronised before every clock read. The eager baseline is always
 the same run; on CPU there are no graphs and that column is n/a.
 
 Eager steps attend over the filled cache slots only, so they get slower as a turn goes on;
-graphed steps attend over the whole cache (fixed shape) at every position. The timed window
-(positions warm-up … warm-up + steps) is in the report. The dropped steps are at least the
+graphed steps attend over the smallest length bucket that holds the positions (64, 128, …, the
+whole cache: ``dia2.graphs.length_buckets``), so they get slower in steps, at each bucket
+boundary. The timed window (positions warm-up … warm-up + steps) and the length buckets it
+reads are in the report; with graphs, also how many graphs the engine captured at start-up
+(one per batch bucket, length bucket and depformer or not), how long that took and the GPU
+memory it reserved beyond the engine's buffers. The dropped steps are at least the
 max delay (18): before that no depformer stage runs, and a timed window there would show a
 transformer-only step (~2 ms for tiny) instead of a full one.
 
@@ -49,7 +53,7 @@ from dia2.checkpoint import load_model, pick_device_and_dtype, resolve_checkpoin
 from dia2.config import parse_config
 from dia2.diagnostics import meta_engine, step_op_counts
 from dia2.engine import StepEngine
-from dia2.graphs import bucket_for
+from dia2.graphs import bucket_for, length_bucket_for, length_buckets
 from dia2.model import Dia2Model
 from dia2.random_checkpoint import SHAPES, shape_config
 from dia2.sampling import GenerationConfig
@@ -196,14 +200,21 @@ def bench_shape(shape: str, device: str, batches: list[int], warmup: int | None,
     now = make_clock(model.device)
     modes = ["eager", "graphed"] if model.device.type == "cuda" else ["eager"]
     figures: list[StepFigures] = []
+    ladder = length_buckets(model.config.runtime.max_context_steps)
+    first, last = length_bucket_for(warmup + 1, ladder), length_bucket_for(warmup + steps, ladder)
     info: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch."), "warmup_steps": warmup,
-                            "positions": [warmup, warmup + steps - 1]}
+                            "positions": [warmup, warmup + steps - 1],
+                            "length_buckets": [length for length in ladder if first <= length <= last]}
     for mode in modes:
+        reserved = torch.cuda.memory_reserved(model.device) if model.device.type == "cuda" else 0
         t0 = now()
         # Graphed: every bucket's graphs are captured here, at construction.
         engine = StepEngine(model, rules, max_streams=max(batches), use_cuda_graphs=mode == "graphed")
         if mode == "graphed":
             info["capture_s"] = now() - t0
+            info["graphs"] = sum(len(s.graphs) for s in engine._device_steps if s is not None)
+            buffers = engine.buffers.decoder.nbytes() + engine.buffers.depformer.nbytes()
+            info["graph_memory_mb"] = (torch.cuda.memory_reserved(model.device) - reserved - buffers) / 2**20
         for batch in batches:
             times, host = time_batch(engine, tokenizer, batch, warmup, steps, now)
             rows = bucket_for(batch) if engine.static_shapes else batch
@@ -338,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(ops_table(ops))
     if not args.ops_only:
         print(table(figures, shapes, batches))
-        windows = ", ".join(f"{s} {i['positions'][0]}…{i['positions'][1]}" for s, i in per_shape.items())
+        windows = ", ".join(f"{s} {i['positions'][0]}…{i['positions'][1]} (graphed: length buckets "
+                            f"{', '.join(map(str, i['length_buckets']))})" for s, i in per_shape.items())
         print(f"p50/p99 in ms per batched step (every stream advances one {FRAME_MS:.0f} ms frame); RT (real-time "
               f"factor) = {FRAME_MS:.0f} ms / p50, above 1x keeps up; positions {windows}"
               + ("; CPU: no CUDA graphs, graphed = n/a" if device.type != "cuda" else ""))

@@ -75,6 +75,7 @@ def test_step_quick_times_full_steps_and_counts_operations(tmp_path: Path) -> No
     assert report["results"], "no step figures"
     # The timed window starts after the max delay (18): every timed step runs the depformer.
     assert report["shapes"]["tiny"]["positions"][0] >= 18
+    assert report["shapes"]["tiny"]["length_buckets"] == [64]  # positions 18…27: the shortest length bucket
     assert set(report["ops"]["tiny"]) == {"1", str(max(report["batches"]))}
     for batch, count in report["ops"]["tiny"].items():
         has_keys(count, {"ops_full_step", "ops_transformer_step", "kernels_full_step", "kernels_transformer_step"},
