@@ -447,7 +447,7 @@ class DeviceStep:
         self.compiled = compiled
         self.graphs: dict[tuple[bool, int], CUDAGraphed[StepTensors]] = {
             (depformer, length): CUDAGraphed(
-                lambda x, d=depformer, length=length: run(x, depformer=d, length=length),  # type: ignore[misc]
+                lambda x, d=depformer, length=length: run(x, depformer=d, length=length),
                 name=f"step[{n}, {length}]" + ("+depformer" if depformer else ""),
                 disable=not graphed,
                 memory=memory,
