@@ -237,8 +237,8 @@ class StepEngine:
         self.check_invariants = False  # tests turn this on: asserts nothing ungenerated is ever fed
         # One graph memory pool for every bucket: graphs run one at a time and the engine reads
         # a step's outputs before the next replay.
-        self._graph_memory = GraphMemory.new(dev) if self.use_cuda_graphs else None
-        self._outputs = OutputGuard()  # that rule, enforced: one step's outputs are read before the next runs
+        self.graph_memory = GraphMemory.new(dev) if self.use_cuda_graphs else None
+        self.outputs = OutputGuard()  # that rule, enforced: one step's outputs are read before the next runs
         self._device_steps: list[DeviceStep | None] = [None] * (n + 1)  # index: rows of slots
         if self.use_cuda_graphs:
             self.capture_graphs()
@@ -389,8 +389,8 @@ class StepEngine:
             raise StreamError(f"cannot step {rows} slots: the engine holds {self.capacity}")
         step = self._device_steps[n]
         if step is None:
-            step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs, memory=self._graph_memory,
-                              guard=self._outputs, compiled=self.compile_step)
+            step = DeviceStep(self.model, self.buffers, n, graphed=self.use_cuda_graphs, memory=self.graph_memory,
+                              guard=self.outputs, compiled=self.compile_step)
             self._device_steps[n] = step
         return step
 
@@ -470,7 +470,7 @@ class StepEngine:
                 records = [self._record(s, st, out, actions_host[s]) if st.record is not None else None
                            for s, st in zip(slots, states)]
             finally:
-                self._outputs.release()
+                self.outputs.release()
         except RuntimeError as exc:
             if self.device.type == "cuda" and is_device_lost(exc):
                 raise DeviceLost(f"the {self.device} context failed during a step ({exc}); "

@@ -241,7 +241,7 @@ class StreamRunner:
         engine = self.engine
         self.frame_decoder = MimiStepDecoder(
             self.decoder, graphed=engine.use_cuda_graphs and runtime.codec.device.type == "cuda",
-            memory=engine._graph_memory, guard=engine._outputs,
+            memory=engine.graph_memory, guard=engine.outputs,
         )
         self.frame_decoder.capture()
         self.streams: dict[int, Stream] = {}  # slot → stream
