@@ -214,7 +214,9 @@ def bench_shape(shape: str, device: str, batches: list[int], warmup: int | None,
             info["capture_s"] = now() - t0
             info["graphs"] = sum(len(s.graphs) for s in engine._device_steps if s is not None)
             buffers = engine.buffers.decoder.nbytes() + engine.buffers.depformer.nbytes()
-            info["graph_memory_mb"] = (torch.cuda.memory_reserved(model.device) - reserved - buffers) / 2**20
+            # Beyond the KV caches: the graph pool plus each bucket's workspaces (head logits
+            # buffers, GEMM outputs, topk windows, RNG cell tables) and the audio buffer.
+            info["engine_extra_mb"] = (torch.cuda.memory_reserved(model.device) - reserved - buffers) / 2**20
         for batch in batches:
             times, host = time_batch(engine, tokenizer, batch, warmup, steps, now)
             rows = bucket_for(batch) if engine.static_shapes else batch

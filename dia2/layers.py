@@ -171,8 +171,8 @@ def attend(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask:
     G = GT // T
     m = mask if T == 1 else mask.repeat(1, 1, G, 1)  # [B, 1, G·T, S]: row j·T + t is query position t
     out = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=m, scale=1.0)  # [B, Hkv, G·T, D]
-    if T == 1:
-        return out.view(B, Hkv * G * D)
+    if T == 1:  # reshape, not view: CUDA's flash/efficient kernels may return [B, G, Hkv, D] storage
+        return out.reshape(B, Hkv * G * D)
     return out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, Hkv * G * D)
 
 

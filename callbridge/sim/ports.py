@@ -40,7 +40,7 @@ def free_udp_range(size: int, attempts: int = 50) -> tuple[int, int]:
                 socks.append(sock)
                 sock.bind((LOOPBACK, port))
             return low, low + size - 1
-        except OSError:
+        except (OSError, OverflowError):  # taken, or past port 65535
             continue
         finally:
             for sock in socks:
