@@ -76,7 +76,7 @@ class StepFigures:
     p99_ms: float
     mean_ms: float
     steps: int  # timed steps (after the dropped warm-up ones)
-    host_p50_ms: float  # of which host planning: staging the rows (text previews) + the per-slot plans
+    host_p50_ms: float  # of which host planning: prepare (rows and plans of both actions) + commit
 
 
 def load(shape: str, device: str) -> tuple[Dia2Model, StateRules, TextTokenizer]:
@@ -89,30 +89,16 @@ def load(shape: str, device: str) -> tuple[Dia2Model, StateRules, TextTokenizer]
     return model, rules, tokenizer
 
 
-class HostClock:
-    """Time spent in the engine's host planning (StepEngine._input_rows and _plan_host), per step.
-    Plain wall time of Python code: no device sync is needed, the host half never waits on the device."""
-
-    def __init__(self, engine: StepEngine) -> None:
-        self.spent = 0.0
-        for name in ("_input_rows", "_plan_host"):
-            setattr(engine, name, self._timed(getattr(engine, name)))
-
-    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.spent += time.perf_counter() - start
-
-        return run
-
-
 def time_batch(engine: StepEngine, tokenizer: TextTokenizer, batch: int, warmup: int, steps: int,
-               now: Callable[[], float]) -> tuple[list[float], list[float]]:
+               now: Callable[[], float], overlap: bool) -> tuple[list[float], list[float]]:
     """Step ``batch`` fresh streams ``warmup + steps`` times; the timed steps' ms, and the host
-    planning ms of each."""
+    planning ms of each (:meth:`StepEngine.prepare` + :meth:`StepEngine.commit`, plain wall time:
+    the host half never waits on the device).
+
+    ``overlap``: the order of an overlapped runner (dia2/stream.py): each step is prepared from
+    both outcomes of the previous step's unread actions and launched before that step is
+    committed. A step's time is then the host's time around one iteration (``now`` is read at
+    the start and end only: a device sync per step would undo the overlap)."""
     entries = parse_script(tokenizer, SCRIPT)
     slots = list(range(batch))
     for slot in slots:
@@ -120,21 +106,38 @@ def time_batch(engine: StepEngine, tokenizer: TextTokenizer, batch: int, warmup:
         engine.start_fresh(slot, GenerationConfig(seed=slot), text, tokenizer.bos_id)
     times: list[float] = []
     host: list[float] = []
-    clock = HostClock(engine)
+    pending = None
     try:
         for i in range(warmup + steps):
-            clock.spent = 0.0
-            start = now()
-            engine.step(slots)
-            end = now()
+            start = now() if not overlap else time.perf_counter()
+            t0 = time.perf_counter()
+            plan = engine.prepare(slots, after=pending if overlap else None)
+            planned = time.perf_counter() - t0
+            if overlap:
+                if pending is not None:
+                    engine.wait(pending)
+                ticket = engine.launch(plan)
+                t1 = time.perf_counter()
+                if pending is not None:
+                    engine.commit(pending)
+                pending = ticket
+                t2 = end = time.perf_counter()
+            else:
+                ticket = engine.launch(plan)
+                engine.wait(ticket)
+                t1 = time.perf_counter()
+                engine.commit(ticket)
+                t2 = time.perf_counter()
+                end = now()
             if i >= warmup:
                 times.append((end - start) * 1e3)
-                host.append(clock.spent * 1e3)
+                host.append((planned + t2 - t1) * 1e3)
+        if pending is not None:
+            engine.wait(pending)
+            engine.commit(pending)
     finally:
         for slot in slots:
             engine.release(slot)
-        for name in ("_input_rows", "_plan_host"):
-            vars(engine).pop(name, None)
     return times, host
 
 
@@ -198,7 +201,10 @@ def bench_shape(shape: str, device: str, batches: list[int], warmup: int | None,
         raise SystemExit(f"--warmup + --steps must stay under the {shape} context "
                          f"({model.config.runtime.max_context_steps} steps)")
     now = make_clock(model.device)
-    modes = ["eager", "graphed"] if model.device.type == "cuda" else ["eager"]
+    # On CUDA: eager and graphed steps one after the other, and graphed steps overlapped. On the
+    # CPU a launch computes at once, so the order changes nothing but the host planning, which
+    # is then from both outcomes of each slot's pending action (what an overlapped runner pays).
+    modes = ["eager", "graphed", "overlapped"] if model.device.type == "cuda" else ["eager"]
     figures: list[StepFigures] = []
     ladder = length_buckets(model.config.runtime.max_context_steps)
     first, last = length_bucket_for(warmup + 1, ladder), length_bucket_for(warmup + steps, ladder)
@@ -209,7 +215,7 @@ def bench_shape(shape: str, device: str, batches: list[int], warmup: int | None,
         reserved = torch.cuda.memory_reserved(model.device) if model.device.type == "cuda" else 0
         t0 = now()
         # Graphed: every bucket's graphs are captured here, at construction.
-        engine = StepEngine(model, rules, max_streams=max(batches), use_cuda_graphs=mode == "graphed")
+        engine = StepEngine(model, rules, max_streams=max(batches), use_cuda_graphs=mode != "eager")
         if mode == "graphed":
             info["capture_s"] = now() - t0
             info["graphs"] = sum(len(s.graphs) for s in engine._device_steps if s is not None)
@@ -218,7 +224,8 @@ def bench_shape(shape: str, device: str, batches: list[int], warmup: int | None,
             # buffers, GEMM outputs, topk windows, RNG cell tables) and the audio buffer.
             info["engine_extra_mb"] = (torch.cuda.memory_reserved(model.device) - reserved - buffers) / 2**20
         for batch in batches:
-            times, host = time_batch(engine, tokenizer, batch, warmup, steps, now)
+            times, host = time_batch(engine, tokenizer, batch, warmup, steps, now,
+                                     overlap=mode == "overlapped" or model.device.type != "cuda")
             rows = bucket_for(batch) if engine.static_shapes else batch
             figures.append(StepFigures(
                 shape=shape, mode=mode, batch=batch, rows=rows, p50_ms=float(np.percentile(times, 50)),
@@ -245,14 +252,18 @@ def table(figures: list[StepFigures], shapes: list[str], batches: list[int]) -> 
         return f"{FRAME_MS / f.p50_ms:7.1f}x" if f is not None else f"{'n/a':>8}"
 
     lines = [f"{'shape':<6} {'batch':>5}  {'eager p50':>9} {'p99':>9}  {'graph p50':>9} {'p99':>9}  "
-             f"{'speedup':>7}  {'RT eager':>8} {'RT graph':>8}"]
+             f"{'overlap p50':>11} {'p99':>9}  {'speedup':>7}  {'RT eager':>8} {'RT graph':>8}  {'host/stream':>11}"]
     for shape in shapes:
         for batch in batches:
             found = {f.mode: f for f in figures if f.shape == shape and f.batch == batch}
-            eager, graphed = found.get("eager"), found.get("graphed")
-            speedup = f"{eager.p50_ms / graphed.p50_ms:6.2f}x" if eager and graphed else f"{'n/a':>7}"
-            lines.append(f"{shape:<6} {batch:>5}  {ms(eager)}  {ms(graphed)}  {speedup:>7}  "
-                         f"{realtime(eager)} {realtime(graphed)}")
+            eager, graphed, overlapped = found.get("eager"), found.get("graphed"), found.get("overlapped")
+            best = overlapped or graphed
+            speedup = f"{eager.p50_ms / best.p50_ms:6.2f}x" if eager and best else f"{'n/a':>7}"
+            # Host planning per stream, from the figures that planned both outcomes.
+            planned = overlapped or (eager if eager and not graphed else None)
+            per_stream = f"{planned.host_p50_ms * 1e3 / batch:9.0f}us" if planned else f"{'n/a':>11}"
+            lines.append(f"{shape:<6} {batch:>5}  {ms(eager)}  {ms(graphed)}  {ms(overlapped):>21}  {speedup:>7}  "
+                         f"{realtime(eager)} {realtime(best)}  {per_stream}")
     return "\n".join(lines)
 
 
@@ -277,7 +288,7 @@ def plot(figures: list[StepFigures], shapes: list[str], path: Path) -> str:
         return "plot skipped: matplotlib is not installed (it is not a dependency; pip install it for the PNG)"
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
-        for mode, color in (("eager", "tab:blue"), ("graphed", "tab:orange")):
+        for mode, color in (("eager", "tab:blue"), ("graphed", "tab:orange"), ("overlapped", "tab:green")):
             rows = sorted((f for f in figures if f.shape == shape and f.mode == mode), key=lambda f: f.batch)
             if not rows:
                 continue

@@ -24,6 +24,7 @@ copies and commits only when the whole step succeeded.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -135,6 +136,15 @@ class _HostPlan:
     truncated: bool
     emit_frame: int | None  # aligned frame this step emits, if any
 
+    def state_after(self, st: SlotState) -> SlotState:
+        """The state ``st`` would have after the step: what the next step is planned from before
+        this one is committed (it shares this plan's text state)."""
+        return SlotState(
+            config=st.config, text=self.text, position=self.position, prompt_frames=st.prompt_frames,
+            next_frame=self.next_frame, main=self.main, second=self.second, last_frame=self.last_frame,
+            truncated=self.truncated,
+        )
+
     def commit(self, st: SlotState) -> None:
         """Write the plan into ``st``. The text state is updated in place (callers may hold it)."""
         _assign_text(st.text, self.text)
@@ -143,6 +153,70 @@ class _HostPlan:
         st.next_frame = self.next_frame
         st.last_frame = self.last_frame
         st.truncated = self.truncated
+
+
+@dataclass
+class _Outcome:
+    """One slot's step from one starting state: the row it feeds (None: the state has finished,
+    the slot does not step) and its state after each action (indexed by the action taken:
+    pad 0, new word 1)."""
+
+    base: SlotState
+    row: SlotInputs | None
+    after: tuple[_HostPlan, ...]
+
+
+@dataclass
+class StepPlan:
+    """A step's host half, prepared before it runs (:meth:`StepEngine.prepare`): per slot one
+    outcome, or two when the slot's previous step (``after``) has not been read yet (indexed by
+    whether that step's action started a word)."""
+
+    slots: list[int]
+    states: list[SlotState]
+    outcomes: list[tuple[_Outcome, ...]]
+    after: StepTicket | None
+    generation: int  # the engine's count of slot and text changes when this was prepared
+
+
+class _Ticket(enum.Enum):
+    LAUNCHED = "launched"  # on the device; its copy out not yet read
+    READ = "read"  # actions on the host; host state not yet committed
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+@dataclass
+class StepTicket:
+    """A launched step (:meth:`StepEngine.launch`): :meth:`StepEngine.wait` reads it, then
+    :meth:`StepEngine.commit` applies it. Keyed by slot: the stream state it stepped and the
+    outcome it ran."""
+
+    states: dict[int, SlotState]
+    outcomes: dict[int, _Outcome]
+    status: _Ticket = _Ticket.LAUNCHED
+    device_step: DeviceStep | None = None
+    kept: dict[int, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)  # record copies
+    edge: torch.Tensor | None = None  # host copy of the step's edge, once read
+    actions: list[int] | None = None
+
+    def took_word(self, slot: int) -> int:
+        """1 if the slot's action started a word, else 0 (any other action counts as pad)."""
+        assert self.actions is not None
+        return int(self.actions[slot] == ACTION_NEW_WORD)
+
+    def plan_taken(self, slot: int) -> _HostPlan:
+        """The slot's state after this step, for the action it took (once read)."""
+        return self.outcomes[slot].after[self.took_word(slot)]
+
+    def branches(self, slot: int, st: SlotState) -> tuple[_HostPlan, ...] | None:
+        """The states a next step of ``slot`` may start from: the one this step's action chose
+        once read, both before; None if this step did not step ``st`` (or it failed)."""
+        if self.status not in (_Ticket.LAUNCHED, _Ticket.READ) or self.states.get(slot) is not st:
+            return None
+        if self.status is _Ticket.READ:
+            return (self.plan_taken(slot),)
+        return self.outcomes[slot].after
 
 
 def _assign_text(dst: TextState, src: TextState) -> None:
@@ -234,6 +308,8 @@ class StepEngine:
                                    torch.zeros(n, device=dev), torch.zeros(n, dtype=torch.long, device=dev)),
         )
         self.slots: list[SlotState | None] = [None] * max_streams
+        self._in_flight: list[StepTicket] = []  # launched and not yet committed (or dropped)
+        self._generation = 0  # counts slot claims, releases and text edits: a prepared step is stale after one
         self.check_invariants = False  # tests turn this on: asserts nothing ungenerated is ever fed
         # One graph memory pool for every bucket: graphs run one at a time and the engine reads
         # a step's outputs before the next replay.
@@ -315,9 +391,11 @@ class StepEngine:
             raise StreamError(f"slot {slot} out of range 0…{self.max_streams - 1}")
         if self.slots[slot] is not None:
             raise StreamError(f"slot {slot} is in use; release it first")
+        self._generation += 1
 
     def release(self, slot: int) -> None:
         self.slots[slot] = None
+        self._generation += 1
 
     # ------------------------------------------------------------------ prompt
 
@@ -425,23 +503,77 @@ class StepEngine:
         Host↔device traffic: one copy in (the staged rows) and one copy out (actions and the
         codes of the frames to emit, the step's only sync). Records and ``check_invariants``
         read more, for tests and traces only.
+
+        The same step in its four parts, for a caller that overlaps steps (dia2/stream.py):
+        :meth:`prepare`, :meth:`launch`, :meth:`wait`, :meth:`commit`.
         """
         if not slots:
             return []
+        ticket = self.launch(self.prepare(slots, hold))
+        self.wait(ticket)
+        return self.commit(ticket)
+
+    # The overlapped step. While step t runs on the device, the host prepares step t+1 from both
+    # outcomes of each slot's action at t (the only thing t decides that t+1's inputs depend on);
+    # once t's actions are read, t+1 is launched with the matching rows, and t's host work
+    # (commit, frames, the Mimi decode's read, the streams' bookkeeping) runs while t+1 computes.
+
+    def prepare(
+        self, slots: list[int], hold: Callable[[int], bool] | None = None, *, after: StepTicket | None = None
+    ) -> StepPlan:
+        """The host half of the next step of ``slots``, before it runs: each slot's input row and
+        its state after either action. Changes nothing.
+
+        ``after``: a launched step not yet committed. A slot it steps is planned from both of its
+        outcomes (its rows are picked by that step's action at :meth:`launch`); a slot it leaves
+        finished in an outcome does not step in that outcome.
+        """
+        if after is not None and after.status not in (_Ticket.LAUNCHED, _Ticket.READ):
+            raise StreamError(f"cannot plan after a step that is {after.status.value}")
         states = [self._active(s) for s in slots]
+        outcomes: list[tuple[_Outcome, ...]] = []
         for s, st in zip(slots, states):
-            if st.position >= self.context:
-                raise StreamError(f"slot {s} reached the context limit; it should have finished")
-        device_step = self.device_step(max(slots) + 1)
-        # Which frame each slot emits is known before the step (_emit_frame, the one emission
-        # rule), so the device gathers its codes and the host reads them with the actions in one copy.
-        emits = [self._emit_frame(st) for st in states]
-        rows = self._input_rows(device_step, slots, states, emits, hold)
+            branches = after.branches(s, st) if after is not None else None
+            if branches is None:
+                if any(st is t.states.get(s) for t in self._in_flight):
+                    raise StreamError(f"slot {s} has a step in flight: plan its next step after that one")
+                if st.position >= self.context:
+                    raise StreamError(f"slot {s} reached the context limit; it should have finished")
+                outcomes.append((self._outcome(s, st, hold, planned=False),))
+            else:
+                outcomes.append(tuple(self._outcome(s, plan.state_after(st), hold, planned=True)
+                                      for plan in branches))
+        return StepPlan(slots=list(slots), states=states, outcomes=outcomes, after=after, generation=self._generation)
+
+    def launch(self, plan: StepPlan) -> StepTicket:
+        """Run the planned step on the device: stage the rows (picked by the ``after`` step's
+        actions, which must have been read), start the step and queue its one copy out. Does
+        not wait for the device. Nothing on the host changes until :meth:`commit`."""
+        if plan.generation != self._generation:
+            raise StreamError("slots or their text changed since this step was prepared; prepare it again")
+        after = plan.after
+        if after is not None and after.status is not _Ticket.READ:
+            raise StreamError("read the previous step (wait) before launching the one planned after it")
+        if any(t.status is _Ticket.LAUNCHED for t in self._in_flight):
+            raise StreamError("a step is running whose outputs are unread: wait for it first")
+        states: dict[int, SlotState] = {}
+        chosen: dict[int, _Outcome] = {}
+        for s, st, outs in zip(plan.slots, plan.states, plan.outcomes):
+            picked = outs[0] if len(outs) == 1 else outs[after.took_word(s)]  # type: ignore[union-attr]
+            if picked.row is not None:
+                states[s], chosen[s] = st, picked
+        ticket = StepTicket(states=states, outcomes=chosen)
+        if not chosen:
+            ticket.status = _Ticket.READ  # nothing to run (every slot finished): nothing in flight
+            return ticket
+        device_step = self.device_step(max(chosen) + 1)
+        rows = [device_step.idle_row(self._idle_position(i)) for i in range(device_step.n)]
+        for s, outcome in chosen.items():
+            rows[s] = outcome.row  # type: ignore[assignment]
         device_step.stage(rows)
         # The depformer only runs when some listed slot has a codebook>0 frame to write.
-        need_depformer = any(
-            st.position + 1 - min(self.delays[1:] or [0]) >= st.prompt_frames for st in states
-        )
+        first_delay = min(self.delays[1:] or [0])
+        need_depformer = any(o.base.position + 1 - first_delay >= o.base.prompt_frames for o in chosen.values())
         # Cache slots the step must read: every row's, listed or not (each writes the KV slot at
         # its position). The host knows the positions, so choosing a length costs no sync.
         needed = max(r.position for r in rows) + 1
@@ -451,43 +583,136 @@ class StepEngine:
             else:
                 out = device_step(depformer=need_depformer, attend_slots=needed)
             try:
-                # The one device→host copy: [n, 2 + K] actions, flags, emitted codes (pinned, reused).
-                edge = device_step.read_edge(out)
-                actions_host: list[int] = edge[:, Edge.ACTION].tolist()
-                valid: list[int] = edge[:, Edge.VALID].tolist()
+                device_step.copy_edge(out)  # queued first: the next step rewrites the outputs
                 if self.check_invariants:
-                    self._check_fed(out, slots)
-                bad = [s for s in slots if not valid[s]]
-                if bad:
-                    raise StreamError(f"slots {bad} fed or emitted an id outside its table (clamped on the device); "
-                                      "their state is corrupt")
-                # Host side, staged: each slot's next host state is computed on copies, the step's
-                # last device reads (records) are done, and only then is everything committed with
-                # plain assignments that cannot raise. So a step that raises anywhere leaves every
-                # slot's host state as it was, and the same step can be run again (alone, by the runner).
-                plans = [self._plan_host(s, st, actions_host[s], hold, emit)
-                         for s, st, emit in zip(slots, states, emits)]
-                records = [self._record(s, st, out, actions_host[s]) if st.record is not None else None
-                           for s, st in zip(slots, states)]
+                    self._check_fed(out, list(chosen))
+                ticket.kept = {s: self._keep(s, out) for s, st in ticket.states.items() if st.record is not None}
             finally:
                 self.outputs.release()
         except RuntimeError as exc:
-            if self.device.type == "cuda" and is_device_lost(exc):
-                raise DeviceLost(f"the {self.device} context failed during a step ({exc}); "
-                                 "restart the process that owns this runtime") from exc
+            self._raise_if_lost(exc)
             raise
+        ticket.device_step = device_step
+        self._in_flight.append(ticket)
+        return ticket
+
+    def wait(self, ticket: StepTicket) -> None:
+        """Wait for a launched step's copy out and read it: each slot's action and validity.
+        A slot fed or emitting an id outside its table fails the step (StreamError); a step
+        that raises here is dropped, and nothing on the host has changed."""
+        if ticket.status is _Ticket.READ and not ticket.outcomes:
+            return  # a step of no slots ran nothing
+        if ticket.status is not _Ticket.LAUNCHED:
+            raise StreamError(f"cannot wait for a step that is {ticket.status.value}")
+        assert ticket.device_step is not None
+        try:
+            try:
+                edge = ticket.device_step.wait_edge().clone()  # the next step reuses the buffer
+            except RuntimeError as exc:
+                self._raise_if_lost(exc)
+                raise
+            bad = [s for s in ticket.outcomes if not edge[s, Edge.VALID]]
+            if bad:
+                raise StreamError(f"slots {bad} fed or emitted an id outside its table (clamped on the device); "
+                                  "their state is corrupt")
+        except BaseException:
+            ticket.status = _Ticket.FAILED
+            self._in_flight.remove(ticket)
+            raise
+        ticket.edge = edge
+        ticket.actions = edge[:, Edge.ACTION].tolist()
+        ticket.status = _Ticket.READ
+
+    def frames(self, ticket: StepTicket) -> list[FrameOut]:
+        """The frames a read step completes, in slot order, for the slots still holding the
+        stream it stepped (a slot released or restarted since gets nothing)."""
+        if ticket.status is not _Ticket.READ:
+            raise StreamError(f"cannot take the frames of a step that is {ticket.status.value}")
         frames: list[FrameOut] = []
-        for s, plan in zip(slots, plans):
+        for s in sorted(ticket.outcomes):
+            if self.slots[s] is not ticket.states[s]:
+                continue
+            plan = ticket.plan_taken(s)
             if plan.emit_frame is not None:
+                assert ticket.edge is not None
                 words = [w for w, step in plan.text.transcript if step + 1 == plan.emit_frame]
-                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=edge[s, Edge.CODES :].clone(),
+                frames.append(FrameOut(slot=s, frame=plan.emit_frame, codes=ticket.edge[s, Edge.CODES :].clone(),
                                        words=words))
-        # Commit: nothing below raises.
-        for st, plan, record in zip(states, plans, records):
-            plan.commit(st)
-            if record is not None and st.record is not None:
-                st.record.append(record)
         return frames
+
+    def commit(self, ticket: StepTicket) -> list[FrameOut]:
+        """Apply a read step to the host state of every slot still holding its stream; returns
+        :meth:`frames`. Nothing here raises but the records' copies (tests and traces)."""
+        frames = self.frames(ticket)
+        records = {s: self._record(ticket, s) for s in ticket.kept}
+        if ticket in self._in_flight:  # (a step of no slots never was)
+            self._in_flight.remove(ticket)
+        ticket.status = _Ticket.COMMITTED
+        for s, st in ticket.states.items():  # plain assignments: nothing below raises
+            if self.slots[s] is not st:
+                continue
+            ticket.plan_taken(s).commit(st)
+            if s in records and st.record is not None:
+                st.record.append(records[s])
+        return frames
+
+    def edit_text(self, slot: int, edit: Callable[[TextState], None]) -> None:
+        """Change a slot's text state (queue words, close the text): in its live state and in
+        each outcome of its steps in flight, so the edit holds whichever way they went."""
+        st = self._active(slot)
+        edit(st.text)
+        seen = {id(st.text)}
+        for ticket in self._in_flight:
+            if ticket.states.get(slot) is st:
+                for plan in ticket.outcomes[slot].after:
+                    if id(plan.text) not in seen:
+                        seen.add(id(plan.text))
+                        edit(plan.text)
+        self._generation += 1
+
+    def next_position(self, slot: int) -> int:
+        """The position the slot's next planned step runs at: its committed position plus its
+        steps in flight."""
+        st = self._active(slot)
+        return st.position + sum(1 for t in self._in_flight if t.states.get(slot) is st)
+
+    def _idle_position(self, slot: int) -> int:
+        """Where the row of a slot that is not stepped writes its KV: the slot it will overwrite
+        at its own next step (0 for a free slot)."""
+        st = self.slots[slot] if slot < self.max_streams else None
+        if st is None:
+            return 0
+        return min(st.position + sum(1 for t in self._in_flight if t.states.get(slot) is st), self.context - 1)
+
+    def _outcome(self, slot: int, base: SlotState, hold: Callable[[int], bool] | None, *, planned: bool) -> _Outcome:
+        """One slot's step from ``base``: its input row and its state after either action. A
+        ``planned`` base (a step in flight's outcome) that has finished gets no row: the stream
+        ends when that step is committed, and does not step again."""
+        if planned and (base.finished or base.position >= self.context):
+            return _Outcome(base=base, row=None, after=())
+        emit = self._emit_frame(base)
+        pad = self._plan_host(slot, base, ACTION_PAD, hold, emit)
+        word = self._plan_host(slot, base, ACTION_NEW_WORD, hold, emit)
+        # The depformer's text of column t+1 is the state machine's output for the sampled
+        # action; both are staged and the device picks (checkpoints without text embedding ignore them).
+        row = SlotInputs(
+            position=base.position, prompt_frames=base.prompt_frames, listed=True, main=base.main,
+            second=base.second, emit_frame=emit, next_if_pad=(pad.main, pad.second),
+            next_if_word=(word.main, word.second),
+        )
+        # An id outside the table would be a device-side assert on CUDA (the context is lost
+        # for every stream); here it fails this slot's step alone.
+        for token in (base.main, base.second, pad.main, pad.second, word.main, word.second):
+            if not 0 <= token < self.text_vocab:
+                raise IndexError(f"slot {slot} would feed text id {token}, outside the text vocabulary "
+                                 f"0…{self.text_vocab - 1}")
+        return _Outcome(base=base, row=row, after=(pad, word))
+
+    def _raise_if_lost(self, exc: RuntimeError) -> None:
+        """A CUDA error that lost the context is DeviceLost (any other error is the caller's to raise)."""
+        if self.device.type == "cuda" and is_device_lost(exc):
+            raise DeviceLost(f"the {self.device} context failed during a step ({exc}); "
+                             "restart the process that owns this runtime") from exc
 
     def _emit_frame(self, st: SlotState) -> int | None:
         """The aligned frame a slot emits at its next step, from its state before the step: the
@@ -504,55 +729,12 @@ class StepEngine:
             return st.next_frame
         return None
 
-    def _input_rows(
-        self,
-        device_step: DeviceStep,
-        slots: list[int],
-        states: list[SlotState],
-        emits: list[int | None],
-        hold: Callable[[int], bool] | None,
-    ) -> list[SlotInputs]:
-        """One row per slot 0…n-1. Slots in range but not listed are computed and ignored; an
-        active one keeps its own position so that its only write is the KV slot it will
-        overwrite at its next step."""
-        rows: list[SlotInputs] = []
-        for i in range(device_step.n):
-            other = self.slots[i] if i < self.max_streams else None
-            rows.append(device_step.idle_row(min(other.position, self.context - 1) if other is not None else 0))
-        embeds_text = self.model.depformer.text_embed is not None
-        for s, st, emit in zip(slots, states, emits):
-            if embeds_text:
-                pad_next, word_next = self._next_text_choices(s, st, hold)
-            else:
-                pad_next = word_next = rows[s].next_if_pad
-            rows[s] = SlotInputs(
-                position=st.position, prompt_frames=st.prompt_frames, listed=True, main=st.main,
-                second=st.second, emit_frame=emit, next_if_pad=pad_next, next_if_word=word_next,
-            )
-            # An id outside the table would be a device-side assert on CUDA (the context is lost
-            # for every stream); here it fails this slot's step alone.
-            for token in (st.main, st.second, *pad_next, *word_next):
-                if not 0 <= token < self.text_vocab:
-                    raise IndexError(f"slot {s} would feed text id {token}, outside the text vocabulary "
-                                     f"0…{self.text_vocab - 1}")
-        return rows
-
-    def _next_text_choices(
-        self, slot: int, st: SlotState, hold: Callable[[int], bool] | None
-    ) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Text of column t+1 if the action is pad, and if it starts a word (for checkpoints whose
-        depformer embeds text; the device picks one after sampling). The same rule as the step's
-        (:meth:`_advance_text`, hold included), run on copies for both actions."""
-        _, pad_main, pad_second, _ = self._advance_text(slot, st, ACTION_PAD, hold)
-        _, word_main, word_second, _ = self._advance_text(slot, st, ACTION_NEW_WORD, hold)
-        return (pad_main, pad_second), (word_main, word_second)
-
     def _advance_text(
         self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None
     ) -> tuple[TextState, int, int, int | None]:
         """The text side of one step for ``action``, on a copy of the slot's text state:
         (new text state, main, second, last_frame). The one rule behind both the step and the
-        depformer's text preview, so the two cannot disagree."""
+        depformer's text of column t+1 (:meth:`_outcome`), so the two cannot disagree."""
         text = st.text.copy()
         last_frame = st.last_frame
         if last_frame is None:
@@ -571,20 +753,21 @@ class StepEngine:
         bad = (audio < 0) | (audio > self.bos)
         assert not bool(bad.any()), f"ungenerated or invalid audio fed to slots {slots}: {audio.tolist()}"
 
-    def _record(self, s: int, st: SlotState, out: StepTensors, action: int) -> StepRecord:
+    @staticmethod
+    def _keep(s: int, out: StepTensors) -> tuple[torch.Tensor | None, ...]:
+        """Device copies of slot ``s``'s rows of the step's outputs, queued before the next step
+        rewrites them (read by :meth:`_record` once the step is committed)."""
         rows = slice(2 * s, 2 * s + 2)
+        return tuple(None if x is None else x[rows].clone()
+                     for x in (out.tokens, out.action_logits, out.cb0_logits, out.stage_logits))
 
-        def keep(x: torch.Tensor) -> torch.Tensor:  # a copy even on the CPU: step outputs are reused buffers
-            return x[rows].to("cpu", copy=True)
-
-        return StepRecord(
-            step=st.position,
-            tokens=keep(out.tokens),
-            action_logits=keep(out.action_logits),
-            cb0_logits=keep(out.cb0_logits),
-            stage_logits=keep(out.stage_logits) if out.stage_logits is not None else None,
-            action=action,
-        )
+    def _record(self, ticket: StepTicket, s: int) -> StepRecord:
+        tokens, action_logits, cb0_logits, stage_logits = (None if x is None else x.to("cpu", copy=True)
+                                                           for x in ticket.kept[s])
+        assert tokens is not None and action_logits is not None and cb0_logits is not None
+        assert ticket.actions is not None
+        return StepRecord(step=ticket.outcomes[s].base.position, tokens=tokens, action_logits=action_logits,
+                          cb0_logits=cb0_logits, stage_logits=stage_logits, action=ticket.actions[s])
 
     def _plan_host(
         self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None, emit_frame: int | None

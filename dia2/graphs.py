@@ -525,12 +525,19 @@ class DeviceStep:
                 return self.forward(self.inputs, depformer=depformer, attend_slots=attend_slots)
             return graphed(self.inputs)
 
-    def read_edge(self, out: StepTensors) -> torch.Tensor:
-        """Copy ``out.edge`` into :attr:`edge_host` and wait until it has landed (the step's one
-        device→host copy). The buffer is reused by the next step: clone what must outlive it."""
+    def copy_edge(self, out: StepTensors) -> None:
+        """Queue the copy of ``out.edge`` into :attr:`edge_host` (the step's one device→host copy)
+        and, on CUDA, record :attr:`edge_copied` after it. Call it right after the step, before
+        anything else runs on the device: the next replay rewrites the captured edge, and work
+        queued after this copy (the next step) waits behind it, the host does not."""
         self.edge_host.copy_(out.edge, non_blocking=self.edge_copied is not None)
         if self.edge_copied is not None:
             self.edge_copied.record()
+
+    def wait_edge(self) -> torch.Tensor:
+        """Wait until the queued edge copy has landed (that event only, not the whole device) and
+        return :attr:`edge_host`. The next step's copy reuses the buffer: clone what must outlive it."""
+        if self.edge_copied is not None:
             self.edge_copied.synchronize()
         return self.edge_host
 

@@ -15,7 +15,8 @@ The masked graph may share the engine's :class:`GraphMemory`: the runner replays
 graph and this one one after the other on one stream (never concurrently), every capture
 into the pool uses the pool's one side stream, and each graph's outputs are read before the
 next replay. That last rule is the shared :class:`OutputGuard`: a decode claims it and
-releases it once the PCM is on the host, so a step can never run over unread PCM.
+releases it once the PCM's copy to the host is queued, so a step queued later on the same
+stream runs after that copy and never over unread PCM.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class MimiStepDecoder:
         self.copied = torch.cuda.Event() if pinned else None
         self._graph = CUDAGraphed(self._masked_decode, name=f"mimi_decode[{b}]", disable=not graphed,
                                   memory=memory)
+        # A submitted decode not yet collected: its rows (masked path) or its PCM (subset path).
+        self._pending: tuple[list[int], np.ndarray | None] | None = None
 
     def _masked_decode(self, codes: torch.Tensor, emit: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode_masked(codes, emit)  # [B, 1, 1920] → [B, 1920]
@@ -88,21 +91,34 @@ class MimiStepDecoder:
         """Decode one frame for each of ``rows`` (distinct) from its codes [K] (any device, in
         range: the engine clamps them). Returns float32 PCM [len(rows), 1920] on the host, in
         the order of ``rows`` (a new array: nothing aliases the reused buffers)."""
+        self.submit(rows, codes)
+        return self.collect()
+
+    def submit(self, rows: Sequence[int], codes: Sequence[torch.Tensor]) -> None:
+        """:meth:`decode` in two halves: start the decode (on CUDA: queue it and its copy out,
+        without waiting), then :meth:`collect` the PCM. Work queued on the device between the two
+        (the next step) runs after the decode and does not delay the PCM."""
+        if self._pending is not None:
+            raise RuntimeError("collect the previous Mimi decode before submitting another")
         if len(rows) != len(codes):
             raise ValueError(f"{len(rows)} rows but {len(codes)} frames of codes")
         if not self.masked:
             if not rows:
-                return np.zeros((0, self.pcm_host.shape[1]), np.float32)
+                self._pending = ([], np.zeros((0, self.pcm_host.shape[1]), np.float32))
+                return
             batch = torch.stack(list(codes))[:, :, None].to(self.decoder.codec.device)
             with torch.inference_mode():
                 pcm = self.decoder.decode(batch, rows=list(rows), validate=False)
-            return pcm.float().cpu().numpy()
+            self._pending = ([], pcm.float().cpu().numpy())
+            return
         if self.graphed and not self._graph.captured and rows:
             self.capture()  # the first call captures; capture must not see an emitting row
         self.staging_emit.zero_()
         for row, frame in zip(rows, codes):
             self.staging_codes[row, :, 0] = frame
             self.staging_emit[row] = True
+        # The output copy is queued before the guard is released: anything replayed later on
+        # this stream (sharing the graph pool) runs after the PCM has left for the host.
         self.guard.claim(self._graph.name)
         try:
             with torch.inference_mode():
@@ -112,7 +128,17 @@ class MimiStepDecoder:
                 self.pcm_host.copy_(pcm, non_blocking=self.copied is not None)
                 if self.copied is not None:
                     self.copied.record()
-                    self.copied.synchronize()
         finally:
             self.guard.release()
-        return self.pcm_host.numpy()[list(rows)]
+        self._pending = (list(rows), None)
+
+    def collect(self) -> np.ndarray:
+        """The PCM of the submitted decode (waits for its copy out only, not the whole device)."""
+        if self._pending is None:
+            raise RuntimeError("no Mimi decode was submitted")
+        (rows, pcm), self._pending = self._pending, None
+        if pcm is not None:
+            return pcm
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.pcm_host.numpy()[rows]

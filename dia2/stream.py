@@ -18,20 +18,20 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .codec import MimiStreamDecoder
-from .engine import FrameOut, SlotState, StepEngine
+from .engine import FrameOut, SlotState, StepEngine, StepPlan, StepTicket
 from .errors import DeviceLost, StreamError, is_device_lost
 from .mimi_step import MimiStepDecoder
 from .runtime import Dia2
 from .sampling import GenerationConfig
 from .snapshot import VoiceSnapshot
-from .state_machine import Entry, close_text, new_text_state, push_entries
+from .state_machine import Entry, TextState, close_text, new_text_state, push_entries
 from .text import ScriptCursor
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class Stream:
         queued = sum(self._upper_steps(e) for e in st.text.entries)
         flush = engine.max_delay + engine.rules.max_padding + 1
         need = queued + len(st.text.pending_tokens) + st.text.forced_padding + self._upper_steps(entry) + flush
-        return st.position + need <= engine.context
+        return engine.next_position(self.slot) + need <= engine.context  # type: ignore[arg-type]
 
     def _route(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -172,7 +172,7 @@ class Stream:
                     "split it with spaces"
                 )
             if self._part_open and not self._staged and self._fits(entry):
-                push_entries(self._slot_state().text, [entry])
+                self._edit_text(lambda text, entry=entry: push_entries(text, [entry]))
                 if ends_sentence(entry.text) and self._past_soft_limit():
                     self._close_part()
             else:
@@ -191,7 +191,12 @@ class Stream:
 
     def _close_part(self) -> None:
         self._part_open = False
-        close_text(self._slot_state().text)
+        self._edit_text(close_text)
+
+    def _edit_text(self, edit: Callable[[TextState], None]) -> None:
+        """Words and closes go through the engine: a step in flight must see them too."""
+        assert self.slot is not None
+        self.runner.engine.edit_text(self.slot, edit)
 
     def _next_part(self) -> None:
         """The current part has played out: start the next one from the snapshot in the same slot."""
@@ -230,10 +235,15 @@ class Stream:
 class StreamRunner:
     """Steps every running stream together. Single-threaded: call it from one thread only."""
 
-    def __init__(self, runtime: Dia2, max_streams: int = 1) -> None:
+    def __init__(self, runtime: Dia2, max_streams: int = 1, *, overlap: bool | None = None) -> None:
         self.runtime = runtime
         self.max_streams = max_streams
         self.engine = StepEngine(runtime.model, runtime.rules(), max_streams=max_streams)
+        # Overlapped steps (see step): None = on where the device runs behind the host (CUDA).
+        # On the CPU a step computes when it is launched, so overlapping would only hold each
+        # step's frames back by one step.
+        self.overlap = runtime.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: StepTicket | None = None  # overlapped: the step launched by the last call
         self.decoder = MimiStreamDecoder(runtime.codec, max_batch=max_streams)
         # Each step's frames: on CUDA one fixed-shape masked decode over every row, graphed with
         # the engine's graphs (same pool and output rule, see dia2/mimi_step.py); on CPU the
@@ -306,19 +316,35 @@ class StreamRunner:
         alone fail (the others advance exactly as in the batch: counter-based RNG, idempotent
         device writes). A Mimi decode that raises fails the streams of that decode call.
 
+        Overlapped (:attr:`overlap`): each call launches the next step before the host work of
+        the one launched by the previous call, which ran on the device meanwhile: prepare the
+        next step from both outcomes of each stream's pending action, read the pending step's
+        actions, queue its frames' Mimi decode, launch the next step, then commit the pending
+        one and hand out its PCM. The device never waits on the host's bookkeeping; the
+        streams, their frames and their tokens are exactly those of the plain order (a call
+        returns the frames of the step launched one call earlier). A step that fails as a batch
+        is run again unoverlapped, as above.
+
         :class:`DeviceLost` is not isolated: it propagates (the device context is gone for every
         stream; the owner must rebuild the runtime in a new process).
         """
+        if self.overlap:
+            return self._step_overlapped()
         if not self.streams:
             return []
-        slots = sorted(self.streams)
-        batch_error: Exception | None = None
-        try:
-            frames = self.engine.step(slots)
-        except DeviceLost:
-            raise
-        except Exception as exc:  # isolation boundary: find the stream(s) that raise alone (below)
-            batch_error, frames = exc, []
+        return self._step_now(sorted(self.streams))
+
+    def _step_now(self, slots: list[int], batch_error: Exception | None = None) -> list[Stream]:
+        """One step of ``slots`` from start to end, with the fault isolation of :meth:`step`
+        (``batch_error``: the batched step already failed with it; go straight to the retries)."""
+        frames: list[FrameOut] = []
+        if batch_error is None:
+            try:
+                frames = self.engine.step(slots)
+            except DeviceLost:
+                raise
+            except Exception as exc:  # isolation boundary: find the stream(s) that raise alone (below)
+                batch_error = exc
         if batch_error is not None:
             if len(slots) == 1:
                 self._fail(self.streams[slots[0]], batch_error)
@@ -332,22 +358,97 @@ class StreamRunner:
                         raise
                     except Exception as exc:
                         self._fail(self.streams[slot], exc)
-            slots = [s for s in slots if s in self.streams]
-        touched: list[Stream] = []
-        if frames:
+        failed = self._submit_decode(frames)
+        touched = self._collect_decode(frames, failed)
+        self._after_steps(slots)
+        return touched
+
+    def _step_overlapped(self) -> list[Stream]:
+        engine = self.engine
+        pending, self._in_flight = self._in_flight, None
+        slots = sorted(self.streams)
+        plan = None
+        if slots:
             try:
-                pcm_host = self.frame_decoder.decode([f.slot for f in frames], [f.codes for f in frames])
-            except Exception as exc:  # the decoder rows may be half-updated: those streams cannot go on
-                if self.runtime.device.type == "cuda" and is_device_lost(exc):
-                    raise DeviceLost(f"the {self.runtime.device} context failed in the Mimi decode ({exc}); "
-                                     "restart the process that owns this runtime") from exc
-                for frame in frames:
-                    self._fail(self.streams[frame.slot], exc)
-                frames = []
-            for i, frame in enumerate(frames):
-                stream = self.streams[frame.slot]
+                plan = engine.prepare(slots, after=pending)
+            except DeviceLost:
+                raise
+            except Exception as exc:  # e.g. a bad text id: that step runs on its own, isolated
+                log.warning("could not plan the next step ahead (%s: %s)", type(exc).__name__, exc)
+        if pending is None:
+            if plan is None:
+                return self._step_now(slots) if slots else []
+            try:
+                self._launch(plan)
+            except DeviceLost:
+                raise
+            except Exception as exc:
+                return self._step_now(slots, batch_error=exc)
+            return []  # its frames come with the next call
+        # The streams the pending step stepped and that still hold their slots.
+        stepped = [s for s, st in pending.states.items() if engine.slots[s] is st and s in self.streams]
+        try:
+            engine.wait(pending)
+        except DeviceLost:
+            raise
+        except Exception as exc:  # nothing committed: run that step again, each stream alone
+            return self._step_now(stepped, batch_error=exc) if stepped else []
+        frames = engine.frames(pending)
+        failed = self._submit_decode(frames)  # queued before the next step: its PCM is not held back
+        if plan is not None:
+            try:
+                self._launch(plan)
+            except DeviceLost:
+                raise
+            except Exception as exc:  # the next call plans that step again, unoverlapped
+                log.warning("could not launch the next step ahead (%s: %s)", type(exc).__name__, exc)
+        engine.commit(pending)
+        touched = self._collect_decode(frames, failed)
+        self._after_steps(stepped)
+        return touched
+
+    def _launch(self, plan: StepPlan) -> None:
+        ticket = self.engine.launch(plan)
+        self._in_flight = ticket if ticket.outcomes else None  # every stream ended: nothing runs
+
+    def _submit_decode(self, frames: list[FrameOut]) -> Exception | None:
+        """Start the Mimi decode of ``frames``; the error if it raised."""
+        if not frames:
+            return None
+        try:
+            self.frame_decoder.submit([f.slot for f in frames], [f.codes for f in frames])
+        except Exception as exc:
+            return exc
+        return None
+
+    def _collect_decode(self, frames: list[FrameOut], failed: Exception | None) -> list[Stream]:
+        """Hand each frame's PCM to its stream; returns those streams. A decode that raised
+        fails the streams of its frames (their decoder rows may be half-updated)."""
+        if not frames:
+            return []
+        if failed is None:
+            try:
+                pcm_host = self.frame_decoder.collect()
+            except Exception as exc:
+                failed = exc
+        if failed is not None:
+            if self.runtime.device.type == "cuda" and is_device_lost(failed):
+                raise DeviceLost(f"the {self.runtime.device} context failed in the Mimi decode ({failed}); "
+                                 "restart the process that owns this runtime") from failed
+            for frame in frames:
+                if frame.slot in self.streams:
+                    self._fail(self.streams[frame.slot], failed)
+            return []
+        touched: list[Stream] = []
+        for i, frame in enumerate(frames):
+            stream = self.streams.get(frame.slot)
+            if stream is not None:
                 stream._on_frame(frame, pcm_host[i])
                 touched.append(stream)
+        return touched
+
+    def _after_steps(self, slots: list[int]) -> None:
+        """Each stepped stream's bookkeeping: its step count, its end, the next part of a long turn."""
         for slot in slots:
             stream = self.streams.get(slot)
             if stream is None:
@@ -356,7 +457,6 @@ class StreamRunner:
                 stream._after_step()
             except Exception as exc:  # e.g. starting the next part of a long turn
                 self._fail(stream, exc)
-        return touched
 
     def _fail(self, stream: Stream, exc: BaseException) -> None:
         """End ``stream`` as FAILED with the error's text, free its slot, log it with the traceback."""

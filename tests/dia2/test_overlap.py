@@ -1,0 +1,203 @@
+"""Overlapped steps: step t+1 is launched before step t's host work (dia2/engine.py prepare,
+launch, wait, commit; StreamRunner(overlap=True)). On the CPU a launch computes at once, so
+these tests check the order's bookkeeping: every stream's frames, PCM and words must be those
+of the plain order, through joins, leaves, slot reuse, streamed text, parts and faults."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dia2 import Dia2, GenerationConfig
+from dia2.errors import StreamError
+from dia2.snapshot import VoiceSnapshot, build_snapshot
+from dia2.state_machine import new_text_state, push_entries
+from dia2.stream import Stream, StreamRunner
+
+from .test_stream import TURNS, voice
+
+STREAMED = ["[S1]", "Sure,", "I", "can", "move", "your", "appointment", "to", "Tuesday", "at", "ten."]
+
+
+@pytest.fixture(scope="module")
+def snapshot(tiny_runtime: Dia2) -> VoiceSnapshot:
+    return build_snapshot(tiny_runtime, voice(with_s2=True))
+
+
+@dataclass
+class Heard:
+    """What one stream produced."""
+
+    codes: list[torch.Tensor] = field(default_factory=list)
+    pcm: list[np.ndarray] = field(default_factory=list)
+    words: list[str] = field(default_factory=list)
+    status: str = ""
+    parts: int = 0
+
+    def take(self, stream: Stream) -> None:
+        for f in stream.pop_frames():
+            self.codes.append(f.codes)
+            self.pcm.append(f.pcm24k)
+            self.words.extend(f.words)
+        self.status = stream.status.value
+        self.parts = stream.stats.parts
+
+
+Schedule = dict[int, list[Callable[[StreamRunner, dict[str, Stream]], None]]]
+
+
+def drive(runner: StreamRunner, schedule: Schedule) -> dict[str, Heard]:
+    """Run ``schedule`` (call index → actions before that call's step) until every stream ended."""
+    streams: dict[str, Stream] = {}
+    heard: dict[str, Heard] = {}
+    call = 0
+    while call <= max(schedule) or any(not s.done for s in streams.values()):
+        for action in schedule.get(call, []):
+            action(runner, streams)
+        runner.step()
+        for name, stream in streams.items():
+            heard.setdefault(name, Heard()).take(stream)
+        call += 1
+        assert call < 2_000, "streams never ended"
+    return heard
+
+
+def start(name: str, snap: VoiceSnapshot | None, seed: int, text: str | None) -> Callable[..., None]:
+    def run(runner: StreamRunner, streams: dict[str, Stream]) -> None:
+        streams[name] = runner.start(snap, GenerationConfig(seed=seed), text=text, close=text is not None)
+
+    return run
+
+
+def push(name: str, words: str, close: bool = False) -> Callable[..., None]:
+    def run(_: StreamRunner, streams: dict[str, Stream]) -> None:
+        streams[name].push_text(words)
+        if close:
+            streams[name].close_text()
+
+    return run
+
+
+def cancel(name: str) -> Callable[..., None]:
+    def run(_: StreamRunner, streams: dict[str, Stream]) -> None:
+        streams[name].cancel()
+
+    return run
+
+
+def assert_same(got: Heard, want: Heard, pcm_atol: float = 0.0) -> None:
+    assert got.status == want.status
+    assert got.words == want.words
+    assert len(got.codes) == len(want.codes)
+    assert torch.equal(torch.stack(got.codes, dim=1), torch.stack(want.codes, dim=1))
+    np.testing.assert_allclose(np.concatenate(got.pcm), np.concatenate(want.pcm), rtol=0, atol=pcm_atol)
+
+
+def test_overlapped_steps_hear_exactly_the_plain_order(tiny_runtime: Dia2, snapshot: VoiceSnapshot) -> None:
+    """Three slots: a closed turn cancelled mid-way, its slot taken by a new turn while the
+    overlapped runner still has a step of the old one in flight; a turn fed word by word
+    (edits that land while a step is in flight); a turn that joins late."""
+    schedule: Schedule = {
+        0: [start("closed", snapshot, 1, TURNS[1]), start("streamed", None, 2, None)],
+        6: [start("late", snapshot, 3, TURNS[0])],
+        30: [cancel("closed")],
+        31: [start("reuse", snapshot, 4, TURNS[2])],
+    }
+    for i, word in enumerate(STREAMED):
+        schedule.setdefault(3 * i + 1, []).append(push("streamed", word + " ", close=i == len(STREAMED) - 1))
+    plain = drive(StreamRunner(tiny_runtime, max_streams=3, overlap=False), schedule)
+    runner = StreamRunner(tiny_runtime, max_streams=3, overlap=True)
+    overlapped = drive(runner, schedule)
+    for name in ("streamed", "late", "reuse"):
+        assert plain[name].status == "done"
+        assert_same(overlapped[name], plain[name])
+    assert plain["streamed"].words == STREAMED[1:]  # every streamed word heard ([S1] is a tag)
+    # The cancelled turn's frames until it left: the overlapped runner hands out each step's
+    # frames one call later, so it heard one step less of it.
+    got, want = overlapped["closed"], plain["closed"]
+    assert got.status == want.status == "cancelled" and 0 < len(got.codes) <= len(want.codes)
+    assert torch.equal(torch.stack(got.codes, dim=1), torch.stack(want.codes[: len(got.codes)], dim=1))
+    assert not runner.engine._in_flight and runner._in_flight is None  # nothing left behind
+
+
+def test_a_long_turn_plays_as_parts_when_overlapped(tmp_path: Path) -> None:
+    """A part ends in the step whose outcome the next step is planned from: the stream does not
+    step again, and its next part starts in the same slot with a step still in flight."""
+    from dia2.random_checkpoint import write_random_checkpoint
+
+    folder = write_random_checkpoint(tmp_path / "short", "tiny", seed=0,
+                                     config_overrides={"runtime": {"max_context_steps": 140}})
+    runtime = Dia2.load(folder, device="cpu", progress=False)
+    snap = build_snapshot(runtime, voice(with_s2=True))
+    text = "[S1] Thanks for waiting. Your order left the warehouse today. It should arrive on Friday."
+    schedule: Schedule = {0: [start("long", snap, 4, text), start("short", snap, 5, TURNS[0])]}
+    plain = drive(StreamRunner(runtime, max_streams=2, overlap=False), schedule)
+    runner = StreamRunner(runtime, max_streams=2, overlap=True)
+    overlapped = drive(runner, schedule)
+    assert plain["long"].status == "done" and plain["long"].parts >= 2
+    for name in ("long", "short"):
+        assert_same(overlapped[name], plain[name])
+        assert overlapped[name].parts == plain[name].parts
+
+
+def test_a_step_that_fails_in_flight_fails_only_its_stream(tiny_runtime: Dia2, snapshot: VoiceSnapshot) -> None:
+    """A code outside the table read by the step in flight: the batch fails when it is read,
+    nothing is committed, each stream's step runs again alone, and only the bad one fails."""
+    schedule: Schedule = {0: [start("bad", snapshot, 1, TURNS[1]), start("good", snapshot, 2, TURNS[2])]}
+    plain = drive(StreamRunner(tiny_runtime, max_streams=2, overlap=False), {0: schedule[0][1:]})
+
+    def corrupt(runner: StreamRunner, streams: dict[str, Stream]) -> None:
+        slot = streams["bad"].slot
+        assert slot is not None
+        # The column the stream's next step reads (one step is in flight; on the CPU it already
+        # wrote this column): the step launched by the next call is fed an id outside the table.
+        runner.engine.buffers.audio[slot, 5, runner.engine.next_position(slot)] = 99_999
+
+    schedule[25] = [corrupt]
+    overlapped = drive(StreamRunner(tiny_runtime, max_streams=2, overlap=True), schedule)
+    assert overlapped["bad"].status == "failed"
+    # Same codes; the PCM only to float rounding: the CPU decodes the emitting rows together,
+    # and here "good" shared its decodes with "bad" until it failed.
+    assert_same(overlapped["good"], plain["good"], pcm_atol=1e-4)
+
+
+def test_the_engine_refuses_steps_out_of_order(tiny_runtime: Dia2) -> None:
+    from dia2.engine import StepEngine
+
+    engine = StepEngine(tiny_runtime.model, tiny_runtime.rules(), max_streams=2)
+    bos = tiny_runtime.token_ids.bos
+    for s in (0, 1):
+        text = new_text_state(engine.rules, tiny_runtime.script_entries("[S1] Hello there."), closed=False)
+        engine.start_fresh(s, GenerationConfig(seed=s), text, bos)
+    first = engine.launch(engine.prepare([0, 1]))
+    with pytest.raises(StreamError, match="has a step in flight"):
+        engine.prepare([0])  # its state after `first` is not known without `after`
+    after = engine.prepare([0, 1], after=first)
+    assert [len(o) for o in after.outcomes] == [2, 2]  # both outcomes of the unread action
+    with pytest.raises(StreamError, match="read the previous step"):
+        engine.launch(after)
+    engine.wait(first)
+    more = tiny_runtime.script_entries("[S1] And more.")
+    engine.edit_text(1, lambda text: push_entries(text, more))
+    with pytest.raises(StreamError, match="changed since this step was prepared"):
+        engine.launch(after)  # slot 1's outcomes were planned without the new words
+    after = engine.prepare([0, 1], after=first)
+    assert [len(o) for o in after.outcomes] == [1, 1]  # read: the action is known
+    second = engine.launch(after)
+    assert engine.next_position(0) == 2  # two steps in flight, none committed
+    assert engine.slots[0].position == 0
+    last = tiny_runtime.script_entries("[S1] Last words.")
+    engine.edit_text(1, lambda text: push_entries(text, last))  # lands while both steps are in flight
+    for ticket in (first, second):
+        for plan in ticket.outcomes[1].after:
+            assert list(plan.text.entries)[-len(last):] == last
+    engine.commit(first)
+    engine.wait(second)
+    engine.commit(second)
+    assert engine.slots[0].position == 2 and not engine._in_flight
+    assert list(engine.slots[1].text.entries)[-len(last):] == last  # not lost by either commit
