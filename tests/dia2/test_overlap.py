@@ -98,7 +98,7 @@ def assert_same(got: Heard, want: Heard, pcm_atol: float = 0.0) -> None:
     np.testing.assert_allclose(np.concatenate(got.pcm), np.concatenate(want.pcm), rtol=0, atol=pcm_atol)
 
 
-def test_overlapped_steps_hear_exactly_the_plain_order(tiny_runtime: Dia2, snapshot: VoiceSnapshot) -> None:
+def hear_both_orders(runtime: Dia2, snapshot: VoiceSnapshot) -> None:
     """Three slots: a closed turn cancelled mid-way, its slot taken by a new turn while the
     overlapped runner still has a step of the old one in flight; a turn fed word by word
     (edits that land while a step is in flight); a turn that joins late."""
@@ -110,8 +110,8 @@ def test_overlapped_steps_hear_exactly_the_plain_order(tiny_runtime: Dia2, snaps
     }
     for i, word in enumerate(STREAMED):
         schedule.setdefault(3 * i + 1, []).append(push("streamed", word + " ", close=i == len(STREAMED) - 1))
-    plain = drive(StreamRunner(tiny_runtime, max_streams=3, overlap=False), schedule)
-    runner = StreamRunner(tiny_runtime, max_streams=3, overlap=True)
+    plain = drive(StreamRunner(runtime, max_streams=3, overlap=False), schedule)
+    runner = StreamRunner(runtime, max_streams=3, overlap=True)
     overlapped = drive(runner, schedule)
     for name in ("streamed", "late", "reuse"):
         assert plain[name].status == "done"
@@ -123,6 +123,25 @@ def test_overlapped_steps_hear_exactly_the_plain_order(tiny_runtime: Dia2, snaps
     assert got.status == want.status == "cancelled" and 0 < len(got.codes) <= len(want.codes)
     assert torch.equal(torch.stack(got.codes, dim=1), torch.stack(want.codes[: len(got.codes)], dim=1))
     assert not runner.engine._in_flight and runner._in_flight is None  # nothing left behind
+
+
+def test_overlapped_steps_hear_exactly_the_plain_order(tiny_runtime: Dia2, snapshot: VoiceSnapshot) -> None:
+    hear_both_orders(tiny_runtime, snapshot)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_overlapped_graphed_steps_hear_exactly_the_plain_order_on_cuda(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the overlap is real: step t+1 runs while the host commits step t, and the
+    Mimi decode of t's frames is queued before it. fp32, graphs on in both orders."""
+    from dia2.graphs import ENV_VAR
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    runtime = Dia2.load(tiny_model_dir, device="cuda", dtype="float32", progress=False)
+    assert StreamRunner(runtime, max_streams=1).overlap  # the default on CUDA
+    hear_both_orders(runtime, build_snapshot(runtime, voice(with_s2=True)))
 
 
 def test_a_long_turn_plays_as_parts_when_overlapped(tmp_path: Path) -> None:
