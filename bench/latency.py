@@ -13,11 +13,11 @@ Per turn, on one ``time.monotonic`` clock (the worker's own timestamps use it to
 - restore: opened → stream started on the worker thread (waiting for the step in flight, then
   the snapshot copy; the copy alone is ``restore_copy_ms`` in the JSON);
 - first frame: started → first complete frame on the worker, over ``steps_to_first_frame``
-  steps. It splits into ``steps_ms`` (the engine's forward passes) and ``decode_ms`` (the one
-  Mimi decode call that produced the frame, batched over every stream that completed a frame
-  in that step, so shared by them), timed by wrapping those two calls on the worker
-  thread, with the device synchronised on both sides (the step already crosses to the host
-  there, so the split adds no sync the service does not pay anyway);
+  steps. It splits into ``steps_ms`` (the engine's steps, each from its launch to its read)
+  and ``decode_ms`` (the one Mimi decode call that produced the frame, batched over every
+  stream that completed a frame in that step, so shared by them), timed by wrapping those
+  calls on the worker thread (their ends already wait on the device: no sync is added, see
+  :class:`RunnerProbe`);
 - handoff: worker has the frame → the event loop's reader has it (``call_soon_threadsafe``);
 - resample: the first ``OutboundAudio.push`` calls, up to the one that yields a chunk;
 - pacing: first chunk ready → the pacer lets it go (a fresh pacer with a lead: ~0);
@@ -45,7 +45,7 @@ import asyncio
 import contextlib
 import importlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,45 +122,63 @@ class Span:
 class RunnerProbe:
     """Times the engine's steps, the Mimi decodes and the restores of one worker's runner.
 
-    Installed on the worker thread (``worker.run_in_thread``) by shadowing three bound methods on the
-    instances: no code of dia2 or callbridge changes. Spans are appended on the worker thread
-    and taken there too (``worker.run_in_thread(probe.take)``), so no lock is needed.
+    Installed on the worker thread (``worker.run_in_thread``) by shadowing bound methods on the
+    instances: no code of dia2 or callbridge changes. A step runs from its launch to the end of
+    its wait (the host has its actions: the device finished it), a decode from its submit to
+    the end of its collect (the PCM is on the host); both ends already wait on the device's
+    events, so the probe adds no sync and an overlapped runner (CUDA) keeps its overlap. There
+    a step's span also holds the previous step's Mimi decode, queued just before it. Spans
+    are appended on the worker thread and taken there too (``worker.run_in_thread(probe.take)``),
+    so no lock is needed.
     """
 
     def __init__(self, runner: StreamRunner) -> None:
         self.spans: list[Span] = []
-        self._device = runner.runtime.device
-        engine_step, decode, start = runner.engine.step, runner.decoder.decode, runner.start
+        engine, frames = runner.engine, runner.frame_decoder
+        launch, wait, submit, collect, start = engine.launch, engine.wait, frames.submit, frames.collect, runner.start
+        launched: dict[int, float] = {}  # id(ticket) → launch time
+        submitted: list[tuple[float, tuple[int, ...]]] = []
 
-        def step(slots: list[int], *args: Any, **kwargs: Any) -> Any:
-            with self._timed("step", tuple(slots)):
-                return engine_step(slots, *args, **kwargs)
+        def launch_(plan: Any) -> Any:
+            t0 = time.monotonic()
+            ticket = launch(plan)
+            launched[id(ticket)] = t0
+            return ticket
 
-        def decode_(codes: torch.Tensor, rows: Any = None, **kwargs: Any) -> Any:
-            with self._timed("decode", tuple(int(r) for r in rows) if rows is not None else ()):
-                return decode(codes, rows, **kwargs)
+        def wait_(ticket: Any) -> None:
+            try:
+                wait(ticket)
+            finally:
+                t0 = launched.pop(id(ticket), None)
+                if t0 is not None and ticket.outcomes:
+                    self.spans.append(Span("step", t0, time.monotonic(), tuple(ticket.outcomes)))
+
+        def submit_(rows: Any, codes: Any) -> None:
+            t0 = time.monotonic()
+            submit(rows, codes)
+            submitted.append((t0, tuple(int(r) for r in rows)))
+
+        def collect_() -> Any:
+            try:
+                return collect()
+            finally:
+                if submitted:
+                    t0, rows = submitted.pop()
+                    self.spans.append(Span("decode", t0, time.monotonic(), rows))
 
         def start_(*args: Any, **kwargs: Any) -> Any:
-            t0 = self._now()
+            t0 = time.monotonic()
             stream = start(*args, **kwargs)
-            self.spans.append(Span("start", t0, self._now(), (stream.slot,)))
+            if runner.runtime.device.type == "cuda":
+                torch.cuda.synchronize(runner.runtime.device)  # the restore's copies are queued
+            self.spans.append(Span("start", t0, time.monotonic(), (stream.slot,)))
             return stream
 
-        runner.engine.step = step  # type: ignore[method-assign]
-        runner.decoder.decode = decode_  # type: ignore[method-assign]
+        engine.launch = launch_  # type: ignore[method-assign]
+        engine.wait = wait_  # type: ignore[method-assign]
+        frames.submit = submit_  # type: ignore[method-assign]
+        frames.collect = collect_  # type: ignore[method-assign]
         runner.start = start_  # type: ignore[method-assign]
-
-    def _now(self) -> float:
-        """The clock after the device has done its queued work (style: sync before the clock)."""
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        return time.monotonic()
-
-    @contextlib.contextmanager
-    def _timed(self, kind: str, slots: tuple[int, ...]) -> Iterator[None]:
-        t0 = self._now()
-        yield
-        self.spans.append(Span(kind, t0, self._now(), slots))
 
     def take(self, _runner: StreamRunner | None = None) -> list[Span]:
         spans, self.spans = self.spans, []

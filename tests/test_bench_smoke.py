@@ -53,6 +53,8 @@ def test_latency_quick_writes_every_figure(tmp_path: Path) -> None:
             has_keys(cell, breakdown, f"results[{path}][{calls}]")
             has_keys(cell["ttfa_ms"], {"n", "p50", "p95", "p99", "mean", "max"}, f"{path} K={calls} ttfa_ms")
             assert cell["ttfa_ms"]["n"] == int(calls) * report["rounds"]  # every turn of every timed round
+            # The worker-side probe saw the engine's steps and the Mimi decodes.
+            assert cell["steps_ms"]["p50"] > 0 and cell["decode_ms"]["p50"] > 0, f"{path} K={calls}"
 
 
 def test_calls_quick_finds_a_capacity(tmp_path: Path) -> None:
