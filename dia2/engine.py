@@ -58,7 +58,7 @@ from .sampling import (
     draw_rule,
     seed_keys,
 )
-from .state_machine import StateRules, TextState, needs_text, process
+from .state_machine import StateRules, TextState, action_decides, needs_text, process
 
 UNGENERATED = -2  # buffer sentinel: never fed, never decoded
 
@@ -541,8 +541,11 @@ class StepEngine:
                     raise StreamError(f"slot {s} reached the context limit; it should have finished")
                 outcomes.append((self._outcome(s, st, hold, planned=False),))
             else:
-                outcomes.append(tuple(self._outcome(s, plan.state_after(st), hold, planned=True)
-                                      for plan in branches))
+                first = self._outcome(s, branches[0].state_after(st), hold, planned=True)
+                if len(branches) == 1 or branches[1] is branches[0]:  # the pending action changes nothing
+                    outcomes.append((first,))
+                else:
+                    outcomes.append((first, self._outcome(s, branches[1].state_after(st), hold, planned=True)))
         return StepPlan(slots=list(slots), states=states, outcomes=outcomes, after=after, generation=self._generation)
 
     def launch(self, plan: StepPlan) -> StepTicket:
@@ -692,7 +695,10 @@ class StepEngine:
             return _Outcome(base=base, row=None, after=())
         emit = self._emit_frame(base)
         pad = self._plan_host(slot, base, ACTION_PAD, hold, emit)
-        word = self._plan_host(slot, base, ACTION_NEW_WORD, hold, emit)
+        # Most steps (inside a word, forced padding, a hold, the flush tail) ignore the action:
+        # one plan serves both outcomes.
+        word = (self._plan_host(slot, base, ACTION_NEW_WORD, hold, emit) if self._action_decides(slot, base, hold)
+                else pad)
         # The depformer's text of column t+1 is the state machine's output for the sampled
         # action; both are staged and the device picks (checkpoints without text embedding ignore them).
         row = SlotInputs(
@@ -728,6 +734,14 @@ class StepEngine:
         if complete >= st.next_frame and (last is None or st.next_frame <= last):
             return st.next_frame
         return None
+
+    def _action_decides(self, slot: int, st: SlotState, hold: Callable[[int], bool] | None) -> bool:
+        """Whether the step's action can change the slot's text state (:func:`action_decides`,
+        with the hold :meth:`_advance_text` would use)."""
+        if st.last_frame is not None:
+            return False  # after the end the text only pads, whatever the action
+        held = hold(slot) if hold is not None else needs_text(self.rules, st.text)
+        return action_decides(st.text, hold=held)
 
     def _advance_text(
         self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None

@@ -210,6 +210,14 @@ def needs_text(rules: StateRules, state: TextState, *, forced: bool = False) -> 
     return _words_after_head(state.entries, rules.second_stream_ahead) < rules.second_stream_ahead
 
 
+def action_decides(state: TextState, *, hold: bool = False) -> bool:
+    """Whether the sampled action can change what :func:`process` does (unforced): False while
+    a word's tokens are pending, padding is forced, the padding budget is spent (a word is due)
+    or the step holds. Then pad and new word give the same outputs and the same state, and a
+    caller planning both outcomes of an unread action plans one."""
+    return not (hold or state.pending_tokens or state.forced_padding > 0 or state.padding_budget <= 0)
+
+
 def _words_after_head(entries: deque[Entry], limit: int) -> int:
     count = 0
     for i, entry in enumerate(entries):

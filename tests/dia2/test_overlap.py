@@ -191,8 +191,15 @@ def test_the_engine_refuses_steps_out_of_order(tiny_runtime: Dia2) -> None:
     engine = StepEngine(tiny_runtime.model, tiny_runtime.rules(), max_streams=2)
     bos = tiny_runtime.token_ids.bos
     for s in (0, 1):
-        text = new_text_state(engine.rules, tiny_runtime.script_entries("[S1] Hello there."), closed=False)
+        words = "[S1] Hello there, this script has enough words queued that the text never runs dry."
+        text = new_text_state(engine.rules, tiny_runtime.script_entries(words), closed=False)
         engine.start_fresh(s, GenerationConfig(seed=s), text, bos)
+    # Step to where the model's action decides the text (not forced padding, not inside a word).
+    for _ in range(20):
+        if all(engine._action_decides(s, engine.slots[s], None) for s in (0, 1)):
+            break
+        engine.step([0, 1])
+    start = engine.slots[0].position
     first = engine.launch(engine.prepare([0, 1]))
     with pytest.raises(StreamError, match="has a step in flight"):
         engine.prepare([0])  # its state after `first` is not known without `after`
@@ -208,8 +215,8 @@ def test_the_engine_refuses_steps_out_of_order(tiny_runtime: Dia2) -> None:
     after = engine.prepare([0, 1], after=first)
     assert [len(o) for o in after.outcomes] == [1, 1]  # read: the action is known
     second = engine.launch(after)
-    assert engine.next_position(0) == 2  # two steps in flight, none committed
-    assert engine.slots[0].position == 0
+    assert engine.next_position(0) == start + 2  # two steps in flight, none committed
+    assert engine.slots[0].position == start
     last = tiny_runtime.script_entries("[S1] Last words.")
     engine.edit_text(1, lambda text: push_entries(text, last))  # lands while both steps are in flight
     for ticket in (first, second):
@@ -218,5 +225,5 @@ def test_the_engine_refuses_steps_out_of_order(tiny_runtime: Dia2) -> None:
     engine.commit(first)
     engine.wait(second)
     engine.commit(second)
-    assert engine.slots[0].position == 2 and not engine._in_flight
+    assert engine.slots[0].position == start + 2 and not engine._in_flight
     assert list(engine.slots[1].text.entries)[-len(last):] == last  # not lost by either commit

@@ -13,6 +13,7 @@ from dia2.state_machine import (
     StateRules,
     TextState,
     TokenIds,
+    action_decides,
     close_text,
     needs_text,
     new_text_state,
@@ -406,6 +407,30 @@ def test_streamed_entries_give_the_same_outputs_as_the_whole_text(
     assert streamed.consumption_steps == whole.consumption_steps
     assert streamed.end_step == whole.end_step
     assert streamed.held_steps == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    entries=st.lists(st.sampled_from([A, B, C, D, Entry((), "", padding=2)]), max_size=6),
+    ahead=st.integers(0, 3),
+    closed=st.booleans(),
+    actions=st.lists(st.sampled_from([0, 1]), max_size=40),
+)
+def test_when_the_action_does_not_decide_pad_and_new_word_give_the_same_step(
+    entries: list[Entry], ahead: int, closed: bool, actions: list[int]
+) -> None:
+    """Where action_decides is False, process ignores the action: same outputs, same state (the
+    engine then plans one outcome for both)."""
+    r = StateRules(IDS, second_stream_ahead=ahead, max_padding=3, initial_padding=1)
+    state = new_text_state(r, entries, closed=closed)
+    for step, action in enumerate(actions):
+        held = needs_text(r, state)
+        pad, word = state.copy(), state.copy()
+        out_pad = process(r, pad, step, 0, hold=held)
+        out_word = process(r, word, step, 1, hold=held)
+        if not action_decides(state, hold=held):
+            assert (out_pad, pad) == (out_word, word), step
+        process(r, state, step, action, hold=held)
 
 
 # ---------------------------------------------------------------------------- state lifecycle
