@@ -199,6 +199,11 @@ class StepTicket:
     kept: dict[int, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)  # record copies
     edge: torch.Tensor | None = None  # host copy of the step's edge, once read
     actions: list[int] | None = None
+    error: Exception | None = None  # why it failed, if it did
+
+    @property
+    def failed(self) -> bool:
+        return self.status is _Ticket.FAILED
 
     def took_word(self, slot: int) -> int:
         """1 if the slot's action started a word, else 0 (any other action counts as pad)."""
@@ -561,16 +566,21 @@ class StepEngine:
             raise StreamError("a step is running whose outputs are unread: wait for it first")
         states: dict[int, SlotState] = {}
         chosen: dict[int, _Outcome] = {}
+        # Slots whose stream ends with the step being read: the plain order has released them by
+        # now, so their idle rows sit at 0 as a free slot's do (and the length bucket matches).
+        ended: set[int] = set()
         for s, st, outs in zip(plan.slots, plan.states, plan.outcomes):
             picked = outs[0] if len(outs) == 1 else outs[after.took_word(s)]  # type: ignore[union-attr]
             if picked.row is not None:
                 states[s], chosen[s] = st, picked
+            else:
+                ended.add(s)
         ticket = StepTicket(states=states, outcomes=chosen)
         if not chosen:
             ticket.status = _Ticket.READ  # nothing to run (every slot finished): nothing in flight
             return ticket
         device_step = self.device_step(max(chosen) + 1)
-        rows = [device_step.idle_row(self._idle_position(i)) for i in range(device_step.n)]
+        rows = [device_step.idle_row(0 if i in ended else self._idle_position(i)) for i in range(device_step.n)]
         for s, outcome in chosen.items():
             rows[s] = outcome.row  # type: ignore[assignment]
         device_step.stage(rows)
@@ -603,8 +613,10 @@ class StepEngine:
         """Wait for a launched step's copy out and read it: each slot's action and validity.
         A slot fed or emitting an id outside its table fails the step (StreamError); a step
         that raises here is dropped, and nothing on the host has changed."""
-        if ticket.status is _Ticket.READ and not ticket.outcomes:
-            return  # a step of no slots ran nothing
+        if ticket.status is _Ticket.READ:
+            return  # read already (or a step of no slots, which ran nothing)
+        if ticket.status is _Ticket.FAILED and ticket.error is not None:
+            raise ticket.error  # a second wait sees the same failure
         if ticket.status is not _Ticket.LAUNCHED:
             raise StreamError(f"cannot wait for a step that is {ticket.status.value}")
         assert ticket.device_step is not None
@@ -618,8 +630,8 @@ class StepEngine:
             if bad:
                 raise StreamError(f"slots {bad} fed or emitted an id outside its table (clamped on the device); "
                                   "their state is corrupt")
-        except BaseException:
-            ticket.status = _Ticket.FAILED
+        except Exception as exc:
+            ticket.status, ticket.error = _Ticket.FAILED, exc
             self._in_flight.remove(ticket)
             raise
         ticket.edge = edge
@@ -647,9 +659,14 @@ class StepEngine:
         """Apply a read step to the host state of every slot still holding its stream; returns
         :meth:`frames`. Nothing here raises but the records' copies (tests and traces)."""
         frames = self.frames(ticket)
-        records = {s: self._record(ticket, s) for s in ticket.kept}
-        if ticket in self._in_flight:  # (a step of no slots never was)
-            self._in_flight.remove(ticket)
+        try:
+            records = {s: self._record(ticket, s) for s in ticket.kept}
+        except Exception as exc:  # nothing committed; the step is gone (its streams cannot go on)
+            ticket.status, ticket.error = _Ticket.FAILED, exc
+            raise
+        finally:
+            if ticket in self._in_flight:  # (a step of no slots never was)
+                self._in_flight.remove(ticket)
         ticket.status = _Ticket.COMMITTED
         for s, st in ticket.states.items():  # plain assignments: nothing below raises
             if self.slots[s] is not st:
@@ -678,6 +695,16 @@ class StepEngine:
         steps in flight."""
         st = self._active(slot)
         return st.position + sum(1 for t in self._in_flight if t.states.get(slot) is st)
+
+    def planned_texts(self, slot: int) -> list[TextState]:
+        """The text states the slot's next step may start from: its live one, or with a step in
+        flight that step's outcomes (one once read or where the action cannot matter, else two)."""
+        st = self._active(slot)
+        for ticket in reversed(self._in_flight):  # the latest step of this stream
+            branches = ticket.branches(slot, st)
+            if branches is not None:
+                return list({id(p.text): p.text for p in branches}.values())
+        return [st.text]
 
     def _idle_position(self, slot: int) -> int:
         """Where the row of a slot that is not stepped writes its KV: the slot it will overwrite

@@ -519,11 +519,15 @@ class DeviceStep:
                 raise GraphShapeError(f"step[{self.n}] has no length bucket {length}; use one of "
                                       f"{self.lengths} (length_for)")
         self.guard.claim(f"step[{self.n}]")
-        with torch.inference_mode():
-            self.inputs.copy_(self.staging, non_blocking=True)
-            if graphed is None:
-                return self.forward(self.inputs, depformer=depformer, attend_slots=attend_slots)
-            return graphed(self.inputs)
+        try:
+            with torch.inference_mode():
+                self.inputs.copy_(self.staging, non_blocking=True)
+                if graphed is None:
+                    return self.forward(self.inputs, depformer=depformer, attend_slots=attend_slots)
+                return graphed(self.inputs)
+        except BaseException:
+            self.guard.release()  # no outputs to read: a step that raised must not block the next
+            raise
 
     def copy_edge(self, out: StepTensors) -> None:
         """Queue the copy of ``out.edge`` into :attr:`edge_host` (the step's one device→host copy)

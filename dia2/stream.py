@@ -13,6 +13,7 @@ decoder simply carries on, so the parts' audio joins without a gap.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -156,11 +157,22 @@ class Stream:
         return max(len(entry.tokens), self.runner.engine.rules.max_padding) + 1
 
     def _fits(self, entry: Entry) -> bool:
-        st = self._slot_state()
+        """Whether ``entry`` still fits the current part: from the state the slot's next step
+        starts from. With a step in flight whose unread action the answer depends on, that step
+        is read first (the host waits for it, at most one step), so the overlapped order cuts
+        parts where the plain order does."""
+        assert self.slot is not None
+        verdicts = {self._fits_after(text, entry) for text in self.runner.engine.planned_texts(self.slot)}
+        if len(verdicts) > 1:
+            self.runner._read_in_flight()
+            verdicts = {self._fits_after(text, entry) for text in self.runner.engine.planned_texts(self.slot)}
+        return all(verdicts)
+
+    def _fits_after(self, text: TextState, entry: Entry) -> bool:
         engine = self.runner.engine
-        queued = sum(self._upper_steps(e) for e in st.text.entries)
+        queued = sum(self._upper_steps(e) for e in text.entries)
         flush = engine.max_delay + engine.rules.max_padding + 1
-        need = queued + len(st.text.pending_tokens) + st.text.forced_padding + self._upper_steps(entry) + flush
+        need = queued + len(text.pending_tokens) + text.forced_padding + self._upper_steps(entry) + flush
         return engine.next_position(self.slot) + need <= engine.context  # type: ignore[arg-type]
 
     def _route(self, entries: list[Entry]) -> None:
@@ -187,7 +199,7 @@ class Stream:
     def _past_soft_limit(self) -> bool:
         st = self._slot_state()
         room = self.runner.engine.context - st.prompt_frames
-        return st.position - st.prompt_frames > SOFT_PART_SHARE * room
+        return self.runner.engine.next_position(self.slot) - st.prompt_frames > SOFT_PART_SHARE * room  # type: ignore[arg-type]
 
     def _close_part(self) -> None:
         self._part_open = False
@@ -363,12 +375,12 @@ class StreamRunner:
         self._after_steps(slots)
         return touched
 
-    def _step_overlapped(self) -> list[Stream]:
+    def _step_overlapped(self, *, plan_next: bool = True) -> list[Stream]:
         engine = self.engine
         pending, self._in_flight = self._in_flight, None
         slots = sorted(self.streams)
         plan = None
-        if slots:
+        if plan_next and slots and not (pending is not None and pending.failed):
             try:
                 plan = engine.prepare(slots, after=pending)
             except DeviceLost:
@@ -402,10 +414,37 @@ class StreamRunner:
                 raise
             except Exception as exc:  # the next call plans that step again, unoverlapped
                 log.warning("could not launch the next step ahead (%s: %s)", type(exc).__name__, exc)
-        engine.commit(pending)
+        try:
+            engine.commit(pending)
+        except Exception as exc:  # only its records can raise (tests, traces): its streams cannot go on
+            if failed is None and frames:
+                with contextlib.suppress(Exception):
+                    self.frame_decoder.collect()
+            if self.runtime.device.type == "cuda" and is_device_lost(exc):
+                raise DeviceLost(f"the {self.runtime.device} context failed ({exc}); "
+                                 "restart the process that owns this runtime") from exc
+            for slot in stepped:
+                if slot in self.streams:
+                    self._fail(self.streams[slot], exc)
+            return []
         touched = self._collect_decode(frames, failed)
         self._after_steps(stepped)
         return touched
+
+    def drain(self) -> list[Stream]:
+        """Overlapped: finish the step in flight (read it, commit it, hand out its frames) without
+        launching another, so the engine's host state is current and nothing runs on the device
+        for this runner. A no-op otherwise. The worker calls it when its last stream has ended."""
+        if self._in_flight is None:
+            return []
+        return self._step_overlapped(plan_next=False)
+
+    def _read_in_flight(self) -> None:
+        """Read the step in flight now (wait for its actions), so what depends on them is known.
+        A step that fails here is handled by the next :meth:`step` (its error is kept)."""
+        if self._in_flight is not None:
+            with contextlib.suppress(Exception):
+                self.engine.wait(self._in_flight)
 
     def _launch(self, plan: StepPlan) -> None:
         ticket = self.engine.launch(plan)

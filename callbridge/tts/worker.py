@@ -471,6 +471,8 @@ class TtsWorker:
         while True:
             outbox = _Outbox()
             try:
+                if not runner.streams:
+                    runner.drain()  # idle: the last step in flight (overlapped runner) is read and committed
                 if self._apply_commands(runner, outbox, block=not runner.streams):
                     self._cancel_all(outbox, StreamStatus.CANCELLED, None)
                     self._flush(outbox)
@@ -511,6 +513,7 @@ class TtsWorker:
             if stream.stats.first_frame_at is not None or stream.done:
                 break
         stream.cancel()
+        runner.drain()
         return time.monotonic() - start
 
     def _apply_commands(self, runner: StreamRunner, outbox: _Outbox, *, block: bool) -> bool:

@@ -5,7 +5,8 @@ of the plain order, through joins, leaves, slot reuse, streamed text, parts and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from dia2 import Dia2, GenerationConfig
 from dia2.errors import StreamError
+from dia2.graphs import DeviceStep
 from dia2.snapshot import VoiceSnapshot, build_snapshot
 from dia2.state_machine import new_text_state, push_entries
 from dia2.stream import Stream, StreamRunner
@@ -67,6 +69,23 @@ def drive(runner: StreamRunner, schedule: Schedule) -> dict[str, Heard]:
     return heard
 
 
+@contextlib.contextmanager
+def recorded_steps() -> Iterator[list[tuple[object, ...]]]:
+    """Every device step run meanwhile: (rows, depformer, length or attended slots)."""
+    calls: list[tuple[object, ...]] = []
+    call = DeviceStep.__call__
+
+    def record(self: DeviceStep, **kwargs: object) -> object:
+        calls.append((self.n, kwargs.get("depformer"), kwargs.get("length"), kwargs.get("attend_slots")))
+        return call(self, **kwargs)  # type: ignore[arg-type]
+
+    DeviceStep.__call__ = record  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        DeviceStep.__call__ = call  # type: ignore[method-assign]
+
+
 def start(name: str, snap: VoiceSnapshot | None, seed: int, text: str | None) -> Callable[..., None]:
     def run(runner: StreamRunner, streams: dict[str, Stream]) -> None:
         streams[name] = runner.start(snap, GenerationConfig(seed=seed), text=text, close=text is not None)
@@ -110,9 +129,14 @@ def hear_both_orders(runtime: Dia2, snapshot: VoiceSnapshot) -> None:
     }
     for i, word in enumerate(STREAMED):
         schedule.setdefault(3 * i + 1, []).append(push("streamed", word + " ", close=i == len(STREAMED) - 1))
-    plain = drive(StreamRunner(runtime, max_streams=3, overlap=False), schedule)
+    with recorded_steps() as plain_steps:
+        plain = drive(StreamRunner(runtime, max_streams=3, overlap=False), schedule)
     runner = StreamRunner(runtime, max_streams=3, overlap=True)
-    overlapped = drive(runner, schedule)
+    with recorded_steps() as overlapped_steps:
+        overlapped = drive(runner, schedule)
+    # The same device steps, in the same order: rows, depformer, and the cache length read
+    # (a stream that ends with the step being read leaves an idle row at 0, as a free slot's).
+    assert overlapped_steps == plain_steps
     for name in ("streamed", "late", "reuse"):
         assert plain[name].status == "done"
         assert_same(overlapped[name], plain[name])
@@ -154,13 +178,21 @@ def test_a_long_turn_plays_as_parts_when_overlapped(tmp_path: Path) -> None:
     runtime = Dia2.load(folder, device="cpu", progress=False)
     snap = build_snapshot(runtime, voice(with_s2=True))
     text = "[S1] Thanks for waiting. Your order left the warehouse today. It should arrive on Friday."
-    schedule: Schedule = {0: [start("long", snap, 4, text), start("short", snap, 5, TURNS[0])]}
-    plain = drive(StreamRunner(runtime, max_streams=2, overlap=False), schedule)
-    runner = StreamRunner(runtime, max_streams=2, overlap=True)
+    schedule: Schedule = {0: [start("long", snap, 4, text), start("short", snap, 5, TURNS[0]),
+                              start("fed", None, 11, None)]}
+    # Fed a word every other call: whether a word still fits the part depends on the step in
+    # flight's action at times; the overlapped runner reads that step first, so the cut matches.
+    fed = (text + " Please call again if it does not. Have a nice day.").split()
+    for i, word in enumerate(fed):
+        schedule.setdefault(2 * i + 1, []).append(push("fed", word + " ", close=i == len(fed) - 1))
+    plain = drive(StreamRunner(runtime, max_streams=3, overlap=False), schedule)
+    runner = StreamRunner(runtime, max_streams=3, overlap=True)
     overlapped = drive(runner, schedule)
-    assert plain["long"].status == "done" and plain["long"].parts >= 2
-    for name in ("long", "short"):
-        assert_same(overlapped[name], plain[name])
+    assert plain["long"].status == "done" and plain["long"].parts >= 2 and plain["fed"].parts >= 2
+    for name in ("long", "short", "fed"):
+        # Same codes; the PCM to float rounding: a next part starts one step later overlapped
+        # (after its last part's step is committed), so CPU decodes batch its frames differently.
+        assert_same(overlapped[name], plain[name], pcm_atol=1e-4)
         assert overlapped[name].parts == plain[name].parts
 
 
@@ -227,3 +259,40 @@ def test_the_engine_refuses_steps_out_of_order(tiny_runtime: Dia2) -> None:
     engine.commit(second)
     assert engine.slots[0].position == start + 2 and not engine._in_flight
     assert list(engine.slots[1].text.entries)[-len(last):] == last  # not lost by either commit
+
+
+def test_a_device_step_that_raises_releases_the_output_guard(tiny_runtime: Dia2,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Otherwise every later step and Mimi decode would raise OutputsUnread: all streams lost."""
+    runner = StreamRunner(tiny_runtime, max_streams=1, overlap=True)
+    stream = runner.start(None, GenerationConfig(seed=1), text=TURNS[0], close=True)
+    runner.step()
+    forward = DeviceStep.forward
+
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(DeviceStep, "forward", boom)
+    runner.step()  # the launch ahead raises: the step in flight is still committed
+    assert stream.status.value == "running"
+    runner.step()  # planned again unoverlapped: it raises, runs again alone, and the stream fails
+    assert stream.status.value == "failed" and "out of memory" in (stream.error or "")
+    monkeypatch.setattr(DeviceStep, "forward", forward)
+    again = runner.start(None, GenerationConfig(seed=1), text=TURNS[0], close=True)
+    assert list(runner.iter_frames(again))  # the guard was released: steps and decodes run
+
+
+def test_drain_finishes_the_step_in_flight(tiny_runtime: Dia2) -> None:
+    plain = StreamRunner(tiny_runtime, max_streams=1, overlap=False)
+    runner = StreamRunner(tiny_runtime, max_streams=1, overlap=True)
+    heard = {}
+    for name, r in (("plain", plain), ("overlapped", runner)):
+        stream = r.start(None, GenerationConfig(seed=3), text=TURNS[1], close=True)
+        for _ in range(25):
+            r.step()
+        r.drain()  # a no-op in the plain order
+        heard[name] = [f.codes for f in stream.pop_frames()]
+        assert not r.engine._in_flight and r._in_flight is None
+        assert r.engine.slots[stream.slot].position == 25
+    assert len(heard["overlapped"]) == len(heard["plain"]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(heard["overlapped"], heard["plain"]))
