@@ -450,7 +450,7 @@ async def test_a_step_that_raises_plays_the_fallback_and_the_call_goes_on(tiny_r
         assert worker is not None
         async with raw_call(service, 400) as call:
             slot = await holding_turn(call)
-            await worker.run_in_thread(lambda r: r.engine.slots[slot].text.pending_tokens.append(BAD_TOKEN))
+            await worker.run_in_thread(lambda r: r.engine.edit_text(slot, lambda text: text.pending_tokens.append(BAD_TOKEN)))
             await until(lambda: bool(call.turn_done(0)), "the failing turn ends")
             [failed] = call.turn_done(0)
             assert failed["state"] == "failed" and "IndexError" in failed["error"]

@@ -176,7 +176,7 @@ async def test_a_stream_whose_step_raises_fails_while_the_other_completes(
     await first_frame(bad_frames)
     slot = bad.slot
     assert slot is not None
-    await worker.run_in_thread(lambda r: r.engine.slots[slot].text.pending_tokens.append(BAD_TOKEN))
+    await worker.run_in_thread(lambda r: r.engine.edit_text(slot, lambda text: text.pending_tokens.append(BAD_TOKEN)))
     with pytest.raises(TurnFailed, match="IndexError"):
         async with asyncio.timeout(TIMEOUT_S):
             async for _ in bad_frames:
@@ -233,7 +233,7 @@ def test_runner_retries_a_failed_batch_stream_by_stream(tiny_runtime: Dia2, tiny
     """Before the fix a batched step that raised failed every stream of the batch."""
     greedy = GenerationConfig().greedy()
     ref = runner_codes(tiny_runtime, tiny_snapshot, OTHER, greedy)
-    runner = StreamRunner(tiny_runtime, max_streams=3)
+    runner = StreamRunner(tiny_runtime, max_streams=3, overlap=False)  # the position check below is the plain order's
     good = runner.start(tiny_snapshot, greedy, text=OTHER, close=True)
     bad = runner.start(tiny_snapshot, GenerationConfig(seed=1), text=HOLDING)
     other = runner.start(tiny_snapshot, GenerationConfig(seed=2), text=TURN, close=True)
@@ -244,7 +244,7 @@ def test_runner_retries_a_failed_batch_stream_by_stream(tiny_runtime: Dia2, tiny
     assert bad.slot is not None
     state = runner.engine.slots[bad.slot]
     assert state is not None
-    state.text.pending_tokens.append(BAD_TOKEN)  # fed on the main stream once its turn comes
+    runner.engine.edit_text(bad.slot, lambda text: text.pending_tokens.append(BAD_TOKEN))  # fed once its turn comes
     position = state.position
     for _ in range(20):
         position = state.position
