@@ -566,8 +566,9 @@ class StepEngine:
             raise StreamError("a step is running whose outputs are unread: wait for it first")
         states: dict[int, SlotState] = {}
         chosen: dict[int, _Outcome] = {}
-        # Slots whose stream ends with the step being read: the plain order has released them by
-        # now, so their idle rows sit at 0 as a free slot's do (and the length bucket matches).
+        # Slots whose stream (or part) ends with the step being read: the plain order has released
+        # or restarted them by now, so their idle rows sit at 0 as a free slot's do (a finished
+        # stream's step then reads the plain order's cache length; a next part starts a step later).
         ended: set[int] = set()
         for s, st, outs in zip(plan.slots, plan.states, plan.outcomes):
             picked = outs[0] if len(outs) == 1 else outs[after.took_word(s)]  # type: ignore[union-attr]
@@ -630,8 +631,9 @@ class StepEngine:
             if bad:
                 raise StreamError(f"slots {bad} fed or emitted an id outside its table (clamped on the device); "
                                   "their state is corrupt")
-        except Exception as exc:
-            ticket.status, ticket.error = _Ticket.FAILED, exc
+        except BaseException as exc:  # (an interrupt too: the step must not stay in flight)
+            ticket.status = _Ticket.FAILED
+            ticket.error = exc if isinstance(exc, Exception) else None
             self._in_flight.remove(ticket)
             raise
         ticket.edge = edge

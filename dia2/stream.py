@@ -346,9 +346,11 @@ class StreamRunner:
             return []
         return self._step_now(sorted(self.streams))
 
-    def _step_now(self, slots: list[int], batch_error: Exception | None = None) -> list[Stream]:
+    def _step_now(self, slots: list[int], batch_error: Exception | None = None,
+                  batch: int | None = None) -> list[Stream]:
         """One step of ``slots`` from start to end, with the fault isolation of :meth:`step`
-        (``batch_error``: the batched step already failed with it; go straight to the retries)."""
+        (``batch_error``: the batched step of ``batch`` slots, default ``slots``, already failed
+        with it; go straight to the retries)."""
         frames: list[FrameOut] = []
         if batch_error is None:
             try:
@@ -358,7 +360,7 @@ class StreamRunner:
             except Exception as exc:  # isolation boundary: find the stream(s) that raise alone (below)
                 batch_error = exc
         if batch_error is not None:
-            if len(slots) == 1:
+            if len(slots) == 1 and (batch is None or batch == 1):  # it failed alone: its own error
                 self._fail(self.streams[slots[0]], batch_error)
             else:
                 log.warning("batched step failed for slots %s (%s: %s); retrying each alone",
@@ -404,7 +406,7 @@ class StreamRunner:
         except DeviceLost:
             raise
         except Exception as exc:  # nothing committed: run that step again, each stream alone
-            return self._step_now(stepped, batch_error=exc) if stepped else []
+            return self._step_now(stepped, batch_error=exc, batch=len(pending.states)) if stepped else []
         frames = engine.frames(pending)
         failed = self._submit_decode(frames)  # queued before the next step: its PCM is not held back
         if plan is not None:
@@ -443,8 +445,12 @@ class StreamRunner:
         """Read the step in flight now (wait for its actions), so what depends on them is known.
         A step that fails here is handled by the next :meth:`step` (its error is kept)."""
         if self._in_flight is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self.engine.wait(self._in_flight)
+            except DeviceLost:
+                raise  # every stream's end: the owner must know now
+            except Exception:
+                pass
 
     def _launch(self, plan: StepPlan) -> None:
         ticket = self.engine.launch(plan)

@@ -296,3 +296,30 @@ def test_drain_finishes_the_step_in_flight(tiny_runtime: Dia2) -> None:
         assert r.engine.slots[stream.slot].position == 25
     assert len(heard["overlapped"]) == len(heard["plain"]) > 0
     assert all(torch.equal(a, b) for a, b in zip(heard["overlapped"], heard["plain"]))
+
+
+def test_a_batch_that_failed_in_flight_retries_a_lone_survivor_instead_of_blaming_it(
+    tiny_runtime: Dia2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step in flight ran two streams and fails when read; one of them has hung up since.
+    The other did nothing wrong: it is run again alone, not failed with the batch's error."""
+    runner = StreamRunner(tiny_runtime, max_streams=2, overlap=True)
+    a = runner.start(None, GenerationConfig(seed=1), text=TURNS[1], close=True)
+    b = runner.start(None, GenerationConfig(seed=2), text=TURNS[2], close=True)
+    runner.step()
+    runner.step()
+    assert runner._in_flight is not None and set(runner._in_flight.states) == {a.slot, b.slot}
+    wait_edge, calls = DeviceStep.wait_edge, []
+
+    def fails_once(self: DeviceStep) -> torch.Tensor:
+        calls.append(self.n)
+        if len(calls) == 1:
+            raise RuntimeError("the batch failed")
+        return wait_edge(self)
+
+    monkeypatch.setattr(DeviceStep, "wait_edge", fails_once)
+    b.cancel()
+    runner.step()
+    assert a.status.value == "running" and len(calls) == 2  # the retry of `a` alone read its step
+    monkeypatch.undo()
+    assert list(runner.iter_frames(a)) and a.status.value == "done"
