@@ -323,3 +323,58 @@ def test_a_batch_that_failed_in_flight_retries_a_lone_survivor_instead_of_blamin
     assert a.status.value == "running" and len(calls) == 2  # the retry of `a` alone read its step
     monkeypatch.undo()
     assert list(runner.iter_frames(a)) and a.status.value == "done"
+
+
+def test_a_commit_that_raises_fails_its_streams_and_leaves_the_runner_usable(
+    tiny_runtime: Dia2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a step's records (tests, traces) can raise in a commit: its streams fail, its Mimi
+    decode is still collected, nothing stays in flight, and the next turn plays."""
+    from dia2.engine import StepEngine
+
+    runner = StreamRunner(tiny_runtime, max_streams=1, overlap=True)
+    stream = runner.start(None, GenerationConfig(seed=1), text=TURNS[1], close=True)
+    while not stream.frames:
+        runner.step()
+    runner.engine.slots[stream.slot].record = []  # the step launched next keeps its records
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("record copy failed")
+
+    monkeypatch.setattr(StepEngine, "_record", broken)
+    runner.step()  # launches the recorded step
+    runner.step()  # commits it: the record raises
+    assert stream.status.value == "failed" and "record copy failed" in (stream.error or "")
+    monkeypatch.undo()
+    runner.drain()
+    assert not runner.engine._in_flight and runner.frame_decoder._pending is None
+    again = runner.start(None, GenerationConfig(seed=2), text=TURNS[0], close=True)
+    assert list(runner.iter_frames(again)) and again.status.value == "done"
+
+
+def test_an_interrupt_while_reading_a_step_leaves_nothing_in_flight(
+    tiny_runtime: Dia2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step is dropped, not left in flight: the next call steps from the committed state and
+    the turn's tokens are those of an uninterrupted run."""
+    plain = StreamRunner(tiny_runtime, max_streams=1, overlap=False)
+    want = [f.codes for f in plain.iter_frames(plain.start(None, GenerationConfig(seed=4), text=TURNS[0], close=True))]
+    runner = StreamRunner(tiny_runtime, max_streams=1, overlap=True)
+    stream = runner.start(None, GenerationConfig(seed=4), text=TURNS[0], close=True)
+    for _ in range(5):
+        runner.step()
+    wait_edge, calls = DeviceStep.wait_edge, []
+
+    def interrupted(self: DeviceStep) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return wait_edge(self)
+
+    monkeypatch.setattr(DeviceStep, "wait_edge", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.step()
+    assert not runner.engine._in_flight
+    got = [f.codes for f in stream.pop_frames()] + [f.codes for f in runner.iter_frames(stream)]
+    assert stream.status.value == "done" and len(got) == len(want)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
