@@ -140,11 +140,10 @@ def time_batch(engine: StepEngine, tokenizer: TextTokenizer, batch: int, warmup:
                 times.append((end - start) * 1e3)
                 host.append((planned + t2 - t1) * 1e3)
     finally:
-        if pending is not None and pending.status.value == "launched":  # even after an error: the
-            with contextlib.suppress(Exception):  # engine must not keep a step in flight
-                engine.wait(pending)
-        if pending is not None and pending.status.value == "read":
-            engine.commit(pending)
+        if pending is not None:  # even after an error: the engine must not keep a step in flight
+            with contextlib.suppress(Exception):
+                engine.wait(pending)  # (returns at once when read; raises again when it failed)
+                engine.commit(pending)
         for slot in slots:
             engine.release(slot)
     return times, host

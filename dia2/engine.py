@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .errors import DeviceLost, StreamError, is_device_lost
+from .errors import StreamError, raise_if_device_lost
 from .graphs import (
     ACTION_NEW_WORD,
     ACTION_PAD,
@@ -516,7 +516,9 @@ class StepEngine:
             return []
         ticket = self.launch(self.prepare(slots, hold))
         self.wait(ticket)
-        return self.commit(ticket)
+        frames = self.frames(ticket)
+        self.commit(ticket)
+        return frames
 
     # The overlapped step. While step t runs on the device, the host prepares step t+1 from both
     # outcomes of each slot's action at t (the only thing t decides that t+1's inputs depend on);
@@ -540,7 +542,7 @@ class StepEngine:
         for s, st in zip(slots, states):
             branches = after.branches(s, st) if after is not None else None
             if branches is None:
-                if any(st is t.states.get(s) for t in self._in_flight):
+                if self._steps_in_flight(s, st):
                     raise StreamError(f"slot {s} has a step in flight: plan its next step after that one")
                 if st.position >= self.context:
                     raise StreamError(f"slot {s} reached the context limit; it should have finished")
@@ -604,7 +606,7 @@ class StepEngine:
             finally:
                 self.outputs.release()
         except RuntimeError as exc:
-            self._raise_if_lost(exc)
+            raise_if_device_lost(self.device, exc, "during a step")
             raise
         ticket.device_step = device_step
         self._in_flight.append(ticket)
@@ -625,7 +627,7 @@ class StepEngine:
             try:
                 edge = ticket.device_step.wait_edge().clone()  # the next step reuses the buffer
             except RuntimeError as exc:
-                self._raise_if_lost(exc)
+                raise_if_device_lost(self.device, exc, "during a step")
                 raise
             bad = [s for s in ticket.outcomes if not edge[s, Edge.VALID]]
             if bad:
@@ -657,10 +659,11 @@ class StepEngine:
                                        words=words))
         return frames
 
-    def commit(self, ticket: StepTicket) -> list[FrameOut]:
-        """Apply a read step to the host state of every slot still holding its stream; returns
-        :meth:`frames`. Nothing here raises but the records' copies (tests and traces)."""
-        frames = self.frames(ticket)
+    def commit(self, ticket: StepTicket) -> None:
+        """Apply a read step to the host state of every slot still holding its stream (take its
+        :meth:`frames` first). Nothing here raises but the records' copies (tests and traces)."""
+        if ticket.status is not _Ticket.READ:
+            raise StreamError(f"cannot commit a step that is {ticket.status.value}")
         try:
             records = {s: self._record(ticket, s) for s in ticket.kept}
         except Exception as exc:  # nothing committed; the step is gone (its streams cannot go on)
@@ -676,7 +679,6 @@ class StepEngine:
             ticket.plan_taken(s).commit(st)
             if s in records and st.record is not None:
                 st.record.append(records[s])
-        return frames
 
     def edit_text(self, slot: int, edit: Callable[[TextState], None]) -> None:
         """Change a slot's text state (queue words, close the text): in its live state and in
@@ -696,7 +698,11 @@ class StepEngine:
         """The position the slot's next planned step runs at: its committed position plus its
         steps in flight."""
         st = self._active(slot)
-        return st.position + sum(1 for t in self._in_flight if t.states.get(slot) is st)
+        return st.position + self._steps_in_flight(slot, st)
+
+    def _steps_in_flight(self, slot: int, st: SlotState) -> int:
+        """How many launched, uncommitted steps stepped ``st`` in ``slot``."""
+        return sum(1 for t in self._in_flight if t.states.get(slot) is st)
 
     def planned_texts(self, slot: int) -> list[TextState]:
         """The text states the slot's next step may start from: its live one, or with a step in
@@ -714,7 +720,7 @@ class StepEngine:
         st = self.slots[slot] if slot < self.max_streams else None
         if st is None:
             return 0
-        return min(st.position + sum(1 for t in self._in_flight if t.states.get(slot) is st), self.context - 1)
+        return min(st.position + self._steps_in_flight(slot, st), self.context - 1)
 
     def _outcome(self, slot: int, base: SlotState, hold: Callable[[int], bool] | None, *, planned: bool) -> _Outcome:
         """One slot's step from ``base``: its input row and its state after either action. A
@@ -723,11 +729,14 @@ class StepEngine:
         if planned and (base.finished or base.position >= self.context):
             return _Outcome(base=base, row=None, after=())
         emit = self._emit_frame(base)
-        pad = self._plan_host(slot, base, ACTION_PAD, hold, emit)
+        # Whether the step holds for text (asked once: both actions' plans use the answer).
+        ended = base.last_frame is not None  # after the end the text only pads, whatever the action
+        held = not ended and (hold(slot) if hold is not None else needs_text(self.rules, base.text))
+        pad = self._plan_host(base, ACTION_PAD, held, emit)
         # Most steps (inside a word, forced padding, a hold, the flush tail) ignore the action:
         # one plan serves both outcomes.
-        word = (self._plan_host(slot, base, ACTION_NEW_WORD, hold, emit) if self._action_decides(slot, base, hold)
-                else pad)
+        decides = not ended and action_decides(base.text, hold=held)
+        word = self._plan_host(base, ACTION_NEW_WORD, held, emit) if decides else pad
         # The depformer's text of column t+1 is the state machine's output for the sampled
         # action; both are staged and the device picks (checkpoints without text embedding ignore them).
         row = SlotInputs(
@@ -742,12 +751,6 @@ class StepEngine:
                 raise IndexError(f"slot {slot} would feed text id {token}, outside the text vocabulary "
                                  f"0…{self.text_vocab - 1}")
         return _Outcome(base=base, row=row, after=(pad, word))
-
-    def _raise_if_lost(self, exc: RuntimeError) -> None:
-        """A CUDA error that lost the context is DeviceLost (any other error is the caller's to raise)."""
-        if self.device.type == "cuda" and is_device_lost(exc):
-            raise DeviceLost(f"the {self.device} context failed during a step ({exc}); "
-                             "restart the process that owns this runtime") from exc
 
     def _emit_frame(self, st: SlotState) -> int | None:
         """The aligned frame a slot emits at its next step, from its state before the step: the
@@ -764,24 +767,14 @@ class StepEngine:
             return st.next_frame
         return None
 
-    def _action_decides(self, slot: int, st: SlotState, hold: Callable[[int], bool] | None) -> bool:
-        """Whether the step's action can change the slot's text state (:func:`action_decides`,
-        with the hold :meth:`_advance_text` would use)."""
-        if st.last_frame is not None:
-            return False  # after the end the text only pads, whatever the action
-        held = hold(slot) if hold is not None else needs_text(self.rules, st.text)
-        return action_decides(st.text, hold=held)
-
-    def _advance_text(
-        self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None
-    ) -> tuple[TextState, int, int, int | None]:
+    def _advance_text(self, st: SlotState, action: int, held: bool) -> tuple[TextState, int, int, int | None]:
         """The text side of one step for ``action``, on a copy of the slot's text state:
-        (new text state, main, second, last_frame). The one rule behind both the step and the
-        depformer's text of column t+1 (:meth:`_outcome`), so the two cannot disagree."""
+        (new text state, main, second, last_frame); ``held``: the step holds for text. The one
+        rule behind both the step and the depformer's text of column t+1 (:meth:`_outcome`), so
+        the two cannot disagree."""
         text = st.text.copy()
         last_frame = st.last_frame
         if last_frame is None:
-            held = hold(slot) if hold is not None else needs_text(self.rules, text)
             main, second = process(self.rules, text, st.position, action, hold=held)
             if text.end_step is not None:
                 last_frame = text.end_step + self.rules.max_padding
@@ -812,12 +805,10 @@ class StepEngine:
         return StepRecord(step=ticket.outcomes[s].base.position, tokens=tokens, action_logits=action_logits,
                           cb0_logits=cb0_logits, stage_logits=stage_logits, action=ticket.actions[s])
 
-    def _plan_host(
-        self, slot: int, st: SlotState, action: int, hold: Callable[[int], bool] | None, emit_frame: int | None
-    ) -> _HostPlan:
+    def _plan_host(self, st: SlotState, action: int, held: bool, emit_frame: int | None) -> _HostPlan:
         """One slot's host-side step on copies: state machine, position, emission (``emit_frame``,
         from :meth:`_emit_frame`), context limit."""
-        text, main, second, last_frame = self._advance_text(slot, st, action, hold)
+        text, main, second, last_frame = self._advance_text(st, action, held)
         position = st.position + 1
         next_frame = st.next_frame if emit_frame is None else emit_frame + 1
         truncated = st.truncated

@@ -52,3 +52,11 @@ def is_device_lost(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
+
+
+def raise_if_device_lost(device: object, exc: BaseException, where: str) -> None:
+    """Raise :class:`DeviceLost` (from ``exc``) when ``exc`` lost ``device``'s CUDA context; any
+    other error is left to the caller. ``where``: what was running ("during a step", …)."""
+    if getattr(device, "type", None) == "cuda" and is_device_lost(exc):
+        raise DeviceLost(f"the {device} context failed {where} ({exc}); "
+                         "restart the process that owns this runtime") from exc

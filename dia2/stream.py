@@ -27,7 +27,7 @@ import torch
 
 from .codec import MimiStreamDecoder
 from .engine import FrameOut, SlotState, StepEngine, StepPlan, StepTicket
-from .errors import DeviceLost, StreamError, is_device_lost
+from .errors import DeviceLost, StreamError, raise_if_device_lost
 from .mimi_step import MimiStepDecoder
 from .runtime import Dia2
 from .sampling import GenerationConfig
@@ -422,9 +422,7 @@ class StreamRunner:
             if failed is None and frames:
                 with contextlib.suppress(Exception):
                     self.frame_decoder.collect()
-            if self.runtime.device.type == "cuda" and is_device_lost(exc):
-                raise DeviceLost(f"the {self.runtime.device} context failed ({exc}); "
-                                 "restart the process that owns this runtime") from exc
+            raise_if_device_lost(self.runtime.device, exc, "while committing a step")
             for slot in stepped:
                 if slot in self.streams:
                     self._fail(self.streams[slot], exc)
@@ -477,9 +475,7 @@ class StreamRunner:
             except Exception as exc:
                 failed = exc
         if failed is not None:
-            if self.runtime.device.type == "cuda" and is_device_lost(failed):
-                raise DeviceLost(f"the {self.runtime.device} context failed in the Mimi decode ({failed}); "
-                                 "restart the process that owns this runtime") from failed
+            raise_if_device_lost(self.runtime.device, failed, "in the Mimi decode")
             for frame in frames:
                 if frame.slot in self.streams:
                     self._fail(self.streams[frame.slot], failed)

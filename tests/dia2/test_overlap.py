@@ -18,7 +18,7 @@ from dia2 import Dia2, GenerationConfig
 from dia2.errors import StreamError
 from dia2.graphs import DeviceStep
 from dia2.snapshot import VoiceSnapshot, build_snapshot
-from dia2.state_machine import new_text_state, push_entries
+from dia2.state_machine import action_decides, needs_text, new_text_state, push_entries
 from dia2.stream import Stream, StreamRunner
 
 from .test_stream import TURNS, voice
@@ -228,7 +228,8 @@ def test_the_engine_refuses_steps_out_of_order(tiny_runtime: Dia2) -> None:
         engine.start_fresh(s, GenerationConfig(seed=s), text, bos)
     # Step to where the model's action decides the text (not forced padding, not inside a word).
     for _ in range(20):
-        if all(engine._action_decides(s, engine.slots[s], None) for s in (0, 1)):
+        if all(action_decides(st.text, hold=needs_text(engine.rules, st.text))
+               for st in (engine.slots[0], engine.slots[1]) if st is not None):
             break
         engine.step([0, 1])
     start = engine.slots[0].position
